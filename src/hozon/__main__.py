@@ -1,0 +1,3 @@
+from hozon.cli.app import main
+
+main()

@@ -1,0 +1,1 @@
+"""The ``hozon`` command: parse, call an operation, render. Nothing else lives here."""

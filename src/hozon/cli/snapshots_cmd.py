@@ -1,0 +1,102 @@
+"""Looking at snapshots: snapshots, ls, diff."""
+
+from __future__ import annotations
+
+import stat as stat_mod
+from datetime import datetime
+
+import typer
+from rich.table import Table
+
+from hozon.cli.common import JsonOption, RepoOption, console, human_bytes, open_repo, print_json
+from hozon.errors import HozonError
+from hozon.repo import browse
+from hozon.repo.tree import DIR, SYMLINK
+
+
+def snapshots(
+    repo: str | None = RepoOption,
+    json_out: bool = JsonOption,
+    host: str = typer.Option("", "--host", help="Only snapshots of this host."),
+    tag: list[str] = typer.Option([], "--tag", help="Only snapshots with this tag (repeatable: any)."),
+    path: list[str] = typer.Option([], "--path", help="Only snapshots of this path (repeatable)."),
+) -> None:
+    """List snapshots, oldest first."""
+    repository = open_repo(repo, load_index=False)
+    snaps = repository.list_snapshots()
+    snaps = [s for s in snaps if (not host or s.hostname == host) and (not tag or set(tag) & set(s.tags))
+             and (not path or set(path) <= set(s.paths))]
+    if json_out:
+        print_json([s.listing() for s in snaps])
+        return
+    table = Table(box=None, header_style="bold")
+    for col in ("ID", "Time", "Host", "Kind", "Tags", "Paths", "Size"):
+        table.add_column(col)
+    for s in snaps:
+        when = datetime.fromisoformat(s.time).strftime("%Y-%m-%d %H:%M:%S")
+        size = human_bytes(s.summary.get("total_bytes", 0))
+        table.add_row(s.short_id, when, s.hostname, s.kind, ",".join(s.tags), "\n".join(s.paths), size)
+    console.print(table)
+    console.print(f"{len(snaps)} snapshot(s)")
+
+
+def ls(
+    snapshot: str = typer.Argument(..., help="Snapshot id, prefix, or 'latest'."),
+    path: str = typer.Argument("/", help="List below this path only."),
+    repo: str | None = RepoOption,
+    json_out: bool = JsonOption,
+    long: bool = typer.Option(False, "--long", "-l", help="Show mode, owner, size and time."),
+) -> None:
+    """List the files in a snapshot."""
+    repository = open_repo(repo)
+    snap = repository.resolve_snapshot(snapshot)
+    if snap.tree is None:
+        raise HozonError(f"snapshot {snap.short_id} is a {snap.kind} snapshot and holds no files",
+                         hint="use: hozon vm ls")
+    start = snap.tree
+    prefix = ""
+    if path.strip("/"):
+        found = browse.find(repository, snap.tree, path)
+        if found is None:
+            raise HozonError(f"{path} is not in snapshot {snap.short_id}")
+        prefix, node = found
+        if node.type != DIR or node.subtree is None:
+            entries = [(prefix, node)]
+            start = ""
+        else:
+            start = node.subtree
+    if start:
+        entries = list(browse.walk(repository, start, prefix))
+    if json_out:
+        print_json([{"path": p, **n.to_json()} for p, n in entries])
+        return
+    for p, n in entries:
+        if not long:
+            console.print(p, markup=False)
+            continue
+        kind = {DIR: "d", SYMLINK: "l"}.get(n.type, "-")
+        when = datetime.fromtimestamp(n.mtime_ns / 1e9).strftime("%Y-%m-%d %H:%M:%S")
+        mode = kind + stat_mod.filemode(n.mode)[1:]
+        owner = f"{n.user or n.uid}/{n.group or n.gid}"
+        target = f" -> {n.target}" if n.target else ""
+        console.print(f"{mode} {owner:>12} {n.size:>12} {when} {p}{target}", markup=False)
+
+
+def diff(
+    first: str = typer.Argument(..., help="Older snapshot."),
+    second: str = typer.Argument(..., help="Newer snapshot."),
+    repo: str | None = RepoOption,
+    json_out: bool = JsonOption,
+) -> None:
+    """Show what changed between two snapshots (+ added, - removed, M modified, U metadata, T type)."""
+    repository = open_repo(repo)
+    a, b = repository.resolve_snapshot(first), repository.resolve_snapshot(second)
+    changes = list(browse.diff(repository, a.tree, b.tree))
+    if json_out:
+        print_json([{"change": c.kind, "path": c.path} for c in changes])
+        return
+    for c in changes:
+        console.print(f"{c.kind} {c.path}", markup=False)
+    counts = {k: sum(1 for c in changes if c.kind == k) for k in "+-MUT"}
+    console.print(f"{counts['+']} added, {counts['-']} removed, {counts['M']} modified, "
+                  f"{counts['U']} metadata changed, {counts['T']} type changed")

@@ -1,0 +1,97 @@
+"""The typed errors a Hozon user can meet.
+
+Every error a user is expected to see is a ``HozonError``: it carries a one-sentence message, an
+optional hint, and the process exit code that ``hozon.cli`` maps it to (docs/exit-codes.md lists them;
+a test keeps that table honest). Anything else that escapes is a bug and is shown as one.
+
+    HozonError                      exit 1
+    ├── UsageError                  exit 2   a command line that cannot work
+    ├── RepositoryNotFound          exit 10
+    ├── RepositoryExists            exit 1
+    ├── RepositoryLocked            exit 11
+    ├── WrongPassword               exit 12
+    ├── SnapshotNotFound            exit 1
+    ├── CorruptData                 exit 1   a repository file fails its checks
+    ├── RepositoryFull              exit 1   the repository's disk is full
+    ├── BackendError                exit 1   the storage failed in another way
+    └── RestoreOutsideTarget        exit 1   a stored name tries to escape the restore target
+"""
+
+from __future__ import annotations
+
+
+class HozonError(Exception):
+    """Root of every expected failure; ``str()`` is the one sentence shown to the user."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+
+class UsageError(HozonError):
+    exit_code = 2
+
+
+class RepositoryNotFound(HozonError):
+    exit_code = 10
+
+    def __init__(self, location: str) -> None:
+        super().__init__(
+            f"no Hozon repository at {location}",
+            hint="check --repo / HOZON_REPO, or create one with: hozon init",
+        )
+
+
+class RepositoryExists(HozonError):
+    def __init__(self, location: str) -> None:
+        super().__init__(f"a repository already exists at {location}")
+
+
+class RepositoryLocked(HozonError):
+    exit_code = 11
+
+    def __init__(self, holder: str) -> None:
+        super().__init__(
+            f"repository is locked by {holder}",
+            hint="if that process is gone, remove its lock with: hozon unlock",
+        )
+
+
+class WrongPassword(HozonError):
+    exit_code = 12
+
+    def __init__(self) -> None:
+        super().__init__("wrong password: no key of this repository opens with it")
+
+
+class SnapshotNotFound(HozonError):
+    def __init__(self, ref: str) -> None:
+        super().__init__(f"no snapshot matches {ref!r}", hint="list them with: hozon snapshots")
+
+
+class CorruptData(HozonError):
+    """A repository file is truncated, altered or unreadable; ``path`` names it."""
+
+    def __init__(self, path: str, what: str) -> None:
+        super().__init__(f"repository file {path} is damaged: {what}", hint="run: hozon check --read-data")
+        self.path = path
+
+
+class RepositoryFull(HozonError):
+    def __init__(self, path: str) -> None:
+        super().__init__(
+            f"no space left on the repository's disk while writing {path}; nothing was committed",
+            hint="free space, then run the backup again: chunks already stored are reused",
+        )
+
+
+class BackendError(HozonError):
+    pass
+
+
+class RestoreOutsideTarget(HozonError):
+    def __init__(self, name: str) -> None:
+        super().__init__(f"refusing to restore {name!r}: it would be written outside the target")

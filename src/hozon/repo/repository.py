@@ -1,0 +1,222 @@
+"""A Hozon repository: keys, config, index, blobs and snapshots over one storage backend.
+
+Layout (docs/format.md has the bytes):
+
+    config              sealed JSON: format version, repository id, chunker settings
+    keys/<id>           the master key wrapped by a password (one file per password)
+    data/<xx>/<sha256>  pack files
+    index/<sha256>      index files
+    snapshots/<sha256>  snapshot files
+    locks/<random>      who is using the repository
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from typing import Any
+
+from hozon import compress
+from hozon.crypto import AuthenticationFailed, MasterKey, unwrap_master_key, wrap_master_key
+from hozon.errors import CorruptData, HozonError, RepositoryExists, RepositoryNotFound, SnapshotNotFound
+from hozon.repo.backends.base import Backend
+from hozon.repo.index import ChunkIndex, PackRecord, decode_index, encode_index
+from hozon.repo.pack import BLOB_TYPES, PackEntry, blob_aad, pack_key, read_header
+from hozon.repo.snapshots import FORMAT_VERSION, Snapshot
+from hozon.repo.tree import Node, decode_tree
+
+CONFIG = "config"
+
+
+class Repository:
+    def __init__(self, backend: Backend, master: MasterKey, config: dict[str, Any], key_name: str) -> None:
+        self.backend = backend
+        self.master = master
+        self.config = config
+        self.key_name = key_name
+        self.cipher = master.cipher()
+        self.index = ChunkIndex()
+        self.index_files: list[str] = []
+
+    # -- creating and opening -------------------------------------------------------------------
+    @classmethod
+    def init(cls, backend: Backend, password: str | None, encrypted: bool = True) -> Repository:
+        if backend.exists(CONFIG):
+            raise RepositoryExists(backend.location)
+        if any(True for _ in backend.list("keys")):
+            raise RepositoryExists(backend.location)
+        master = MasterKey.generate(encrypted)
+        key_name = _store_key(backend, master, password)
+        config = {"version": FORMAT_VERSION, "id": os.urandom(16).hex(), "encrypted": encrypted}
+        repo = cls(backend, master, config, key_name)
+        backend.put(CONFIG, repo.seal(json.dumps(config).encode(), b"config"))
+        return repo
+
+    @classmethod
+    def open(cls, backend: Backend, password: str | None) -> Repository:
+        if not backend.exists(CONFIG):
+            raise RepositoryNotFound(backend.location)
+        last_error: HozonError | None = None
+        for key in sorted(backend.list("keys")):
+            try:
+                doc = json.loads(backend.get(key))
+                master = unwrap_master_key(doc, password)
+            except HozonError as exc:
+                last_error = exc
+                continue
+            except (ValueError, KeyError) as exc:
+                last_error = CorruptData(key, f"unreadable key file ({exc})")
+                continue
+            repo = cls(backend, master, {}, key.rsplit("/", 1)[-1])
+            repo.config = json.loads(repo.load_file(CONFIG, b"config"))
+            if repo.config.get("version", 0) > FORMAT_VERSION:
+                raise HozonError(f"repository format {repo.config['version']} is newer than this Hozon reads")
+            return repo
+        raise last_error or CorruptData("keys/", "the repository has no key file")
+
+    @staticmethod
+    def needs_password(backend: Backend) -> bool:
+        """False for a repository made with --insecure-no-encryption (no prompt is needed)."""
+        for key in backend.list("keys"):
+            try:
+                return bool(json.loads(backend.get(key)).get("kdf") != "none")
+            except (ValueError, OSError):
+                continue
+        return True
+
+    def change_password(self, new_password: str) -> str:
+        """Add a key file for the new password, then remove the old one; data is not touched."""
+        new_key = _store_key(self.backend, self.master, new_password)
+        self.backend.delete(f"keys/{self.key_name}")
+        self.key_name = new_key
+        return new_key
+
+    # -- sealed files ---------------------------------------------------------------------------
+    def seal(self, plaintext: bytes, aad: bytes) -> bytes:
+        return self.cipher.seal(compress.compress(plaintext), aad)
+
+    def unseal(self, key: str, data: bytes, aad: bytes) -> bytes:
+        try:
+            return compress.decompress(self.cipher.open(data, aad))
+        except AuthenticationFailed as exc:
+            raise CorruptData(key, f"it does not authenticate ({exc}; truncated or altered)") from exc
+        except Exception as exc:  # zstd errors have no common base class
+            raise CorruptData(key, f"it does not decompress ({exc})") from exc
+
+    def load_file(self, key: str, aad: bytes) -> bytes:
+        try:
+            data = self.backend.get(key)
+        except FileNotFoundError as exc:
+            raise CorruptData(key, "the file is missing") from exc
+        return self.unseal(key, data, aad)
+
+    def save_content_addressed(self, prefix: str, plaintext: bytes, aad: bytes) -> str:
+        """Write a sealed file named by the SHA-256 of its stored bytes; returns the name."""
+        data = self.seal(plaintext, aad)
+        name = hashlib.sha256(data).hexdigest()
+        self.backend.put(f"{prefix}/{name}", data)
+        return name
+
+    # -- index ----------------------------------------------------------------------------------
+    def load_index(self) -> None:
+        self.index_files = sorted(k.rsplit("/", 1)[-1] for k in self.backend.list("index"))
+        self.index.load(self.read_index_file(name) for name in self.index_files)
+
+    def read_index_file(self, name: str) -> list[PackRecord]:
+        key = f"index/{name}"
+        return decode_index(key, self.load_file(key, b"index"))
+
+    def write_index(self, packs: list[PackRecord]) -> str:
+        name = self.save_content_addressed("index", encode_index(packs), b"index")
+        self.index_files.append(name)
+        return name
+
+    def list_packs(self) -> Iterator[str]:
+        for key in self.backend.list("data"):
+            yield key.rsplit("/", 1)[-1]
+
+    def read_pack(self, name: str) -> tuple[bytes, list[PackEntry]]:
+        """A whole pack and its parsed header (packs are ~16 MiB, so one read is cheapest)."""
+        key = pack_key(name)
+        try:
+            data = self.backend.get(key)
+        except FileNotFoundError as exc:
+            raise CorruptData(key, "the pack is missing") from exc
+        return data, read_header(self.cipher, key, data, len(data))
+
+    # -- blobs ----------------------------------------------------------------------------------
+    def load_blob(self, blob_id: bytes) -> bytes:
+        loc = self.index.lookup(blob_id)
+        if loc is None:
+            raise CorruptData(f"index/ (blob {blob_id.hex()[:16]})", "a referenced blob is in no index")
+        key = pack_key(loc.pack)
+        try:
+            sealed = self.backend.get(key, loc.offset, loc.length)
+        except FileNotFoundError as exc:
+            raise CorruptData(key, "the pack is missing") from exc
+        return self.open_blob(key, sealed, loc.blob_type, blob_id)
+
+    def open_blob(self, key: str, sealed: bytes | memoryview, blob_type: int, blob_id: bytes) -> bytes:
+        """Decrypt, decompress and verify one blob read from pack ``key``."""
+        what = f"{BLOB_TYPES.get(blob_type, '?')} blob {blob_id.hex()[:16]}"
+        if len(sealed) == 0:
+            raise CorruptData(key, f"{what} lies past the end of the file (truncated)")
+        try:
+            plain = compress.decompress(self.cipher.open(sealed, blob_aad(blob_type, blob_id)))
+        except AuthenticationFailed as exc:
+            raise CorruptData(key, f"{what} does not authenticate ({exc})") from exc
+        except Exception as exc:
+            raise CorruptData(key, f"{what} does not decompress ({exc})") from exc
+        if self.master.chunk_id(plain) != blob_id:
+            raise CorruptData(key, f"{what} does not match its id")
+        return plain
+
+    def load_tree(self, tree_id: str) -> list[Node]:
+        return decode_tree(self.load_blob(bytes.fromhex(tree_id)))
+
+    # -- snapshots ------------------------------------------------------------------------------
+    def save_snapshot(self, snapshot: Snapshot) -> str:
+        snapshot.id = self.save_content_addressed(
+            "snapshots", json.dumps(snapshot.to_json()).encode(), b"snapshot"
+        )
+        return snapshot.id
+
+    def load_snapshot(self, snapshot_id: str) -> Snapshot:
+        key = f"snapshots/{snapshot_id}"
+        return Snapshot.from_json(json.loads(self.load_file(key, b"snapshot")), snapshot_id)
+
+    def snapshot_ids(self) -> list[str]:
+        return sorted(k.rsplit("/", 1)[-1] for k in self.backend.list("snapshots"))
+
+    def list_snapshots(self) -> list[Snapshot]:
+        snaps = [self.load_snapshot(i) for i in self.snapshot_ids()]
+        return sorted(snaps, key=lambda s: s.datetime)
+
+    def resolve_snapshot(self, ref: str) -> Snapshot:
+        """A snapshot from a full id, a unique id prefix, or ``latest`` (optionally ``latest:PATH``)."""
+        if ref == "latest" or ref.startswith("latest:"):
+            snaps = self.list_snapshots()
+            if ref.startswith("latest:"):
+                path = ref.split(":", 1)[1]
+                snaps = [s for s in snaps if path in s.paths or s.extra.get("vm") == path]
+            if not snaps:
+                raise SnapshotNotFound(ref)
+            return snaps[-1]
+        matches = [i for i in self.snapshot_ids() if i.startswith(ref)]
+        if len(matches) != 1 or not ref:
+            if len(matches) > 1:
+                raise HozonError(f"snapshot id {ref!r} is ambiguous; give more characters")
+            raise SnapshotNotFound(ref)
+        return self.load_snapshot(matches[0])
+
+    def delete_snapshot(self, snapshot_id: str) -> None:
+        self.backend.delete(f"snapshots/{snapshot_id}")
+
+
+def _store_key(backend: Backend, master: MasterKey, password: str | None) -> str:
+    body = json.dumps(wrap_master_key(master, password)).encode()
+    name = hashlib.sha256(body).hexdigest()
+    backend.put(f"keys/{name}", body)
+    return name

@@ -1,0 +1,61 @@
+"""Snapshots: the last file a backup writes, naming the root of what it kept.
+
+A snapshot exists once its file exists, and that file is written only after every pack and index
+entry it needs, so a snapshot that can be listed can be restored.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Any
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Snapshot:
+    time: str  # ISO 8601 with timezone
+    hostname: str
+    paths: list[str]
+    kind: str  # "files" (later: "vm", "checkpoint")
+    tree: str | None = None  # hex id of the root tree blob (file snapshots)
+    tags: list[str] = field(default_factory=list)
+    parent: str | None = None
+    username: str = ""
+    program_version: str = ""
+    summary: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # kind-specific (disks of a VM, …)
+    version: int = FORMAT_VERSION
+    id: str = ""  # the file name; not stored inside the file
+
+    def to_json(self) -> dict[str, Any]:
+        doc = asdict(self)
+        doc.pop("id")
+        return doc
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any], snapshot_id: str) -> Snapshot:
+        known = {k: v for k, v in doc.items() if k in cls.__dataclass_fields__}
+        return cls(**known, id=snapshot_id)
+
+    @property
+    def short_id(self) -> str:
+        return self.id[:8]
+
+    @property
+    def datetime(self) -> datetime:
+        return datetime.fromisoformat(self.time)
+
+    def listing(self) -> dict[str, Any]:
+        """The shape ``hozon snapshots --json`` prints."""
+        return {"id": self.id, "short_id": self.short_id, **self.to_json()}
+
+
+def now_iso() -> str:
+    return datetime.now().astimezone().isoformat()
+
+
+def this_host() -> str:
+    return socket.gethostname()

@@ -1,0 +1,163 @@
+"""Storing blobs: hash, deduplicate, compress and seal on worker threads, then pack and upload.
+
+    caller ──submit(data)──► workers (keyed BLAKE3 → dedup → zstd → AES-GCM) ──► pack builder
+                                                                                   │ full pack
+    index file ◄── every few packs ◄── index entries ◄── uploader thread ◄─────────┘
+
+The heavy steps release the GIL, so two cores work at once. Queues are bounded (memory stays flat)
+and a worker or upload error is raised to the caller at its next call. Index entries are written
+only after the packs they name are stored: packs → index → snapshot.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from hozon import compress
+from hozon.repo.index import ENTRY_DTYPE, PackRecord
+from hozon.repo.pack import PackBuilder, blob_aad, pack_key
+from hozon.repo.repository import Repository
+
+PACKS_PER_INDEX_FILE = 8
+_STOP = object()
+
+
+@dataclass
+class WriteStats:
+    blobs_new: int = 0
+    bytes_new: int = 0  # plaintext bytes of new blobs
+    bytes_stored: int = 0  # sealed bytes of new blobs
+
+
+class BlobWriter:
+    """Use as a context manager; ``close()`` flushes the last pack and index before returning."""
+
+    def __init__(self, repo: Repository, workers: int | None = None, compression_level: int = 3) -> None:
+        self.repo = repo
+        self.stats = WriteStats()
+        self._level = compression_level
+        self._workers = workers or max(2, os.cpu_count() or 2)
+        self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="hozon-blob")
+        self._slots = threading.BoundedSemaphore(self._workers * 3)
+        self._lock = threading.Lock()
+        self._in_flight: set[bytes] = set()
+        self._builder = PackBuilder(repo.cipher)
+        self._uploads: queue.Queue[object] = queue.Queue(maxsize=2)
+        self._pending_records: list[PackRecord] = []
+        self._error: BaseException | None = None
+        self._uploader = threading.Thread(target=self._upload_loop, name="hozon-upload", daemon=True)
+        self._uploader.start()
+        self._closed = False
+
+    # -- public ---------------------------------------------------------------------------------
+    def submit(self, data: bytes, blob_type: int) -> Future[bytes]:
+        """Store ``data`` unless the repository has it; the future gives its id."""
+        self._raise_pending_error()
+        self._slots.acquire()
+        future = self._pool.submit(self._store, data, blob_type)
+        future.add_done_callback(lambda _f: self._slots.release())
+        return future
+
+    def store(self, data: bytes, blob_type: int) -> bytes:
+        """Synchronous ``submit`` (for tree blobs, which are small)."""
+        return self.submit(data, blob_type).result()
+
+    def close(self) -> None:
+        """Upload what is left and write the final index file; raises the first error seen."""
+        if self._closed:
+            return
+        self._closed = True
+        self._pool.shutdown(wait=True)
+        if self._error is None and self._builder.entries:
+            self._queue_pack(self._builder)
+        self._uploads.put(_STOP)
+        self._uploader.join()
+        if self._error is None and self._pending_records:
+            self.repo.write_index(self._pending_records)
+            self._pending_records = []
+        self._raise_pending_error()
+
+    def abort(self) -> None:
+        """Stop without writing anything more (stored packs stay, as garbage or for reuse)."""
+        self._error = self._error or RuntimeError("aborted")
+        self._closed = True
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._uploads.put(_STOP)
+        self._uploader.join()
+
+    def __enter__(self) -> BlobWriter:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    # -- workers --------------------------------------------------------------------------------
+    def _store(self, data: bytes, blob_type: int) -> bytes:
+        blob_id = self.repo.master.chunk_id(data)
+        with self._lock:
+            if blob_id in self._in_flight or self.repo.index.has_live(blob_id):
+                return blob_id
+            self._in_flight.add(blob_id)
+        sealed = self.repo.cipher.seal(compress.compress(data, self._level), blob_aad(blob_type, blob_id))
+        full: PackBuilder | None = None
+        with self._lock:
+            self._builder.add(blob_type, blob_id, sealed, len(data))
+            self.stats.blobs_new += 1
+            self.stats.bytes_new += len(data)
+            self.stats.bytes_stored += len(sealed)
+            if self._builder.full():
+                full, self._builder = self._builder, PackBuilder(self.repo.cipher)
+        if full is not None:
+            self._queue_pack(full)
+        return blob_id
+
+    def _queue_pack(self, builder: PackBuilder) -> None:
+        while True:
+            self._raise_pending_error()
+            try:
+                self._uploads.put(builder, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def _upload_loop(self) -> None:
+        while True:
+            item = self._uploads.get()
+            if item is _STOP:
+                return
+            if self._error is not None:
+                continue  # drain so producers never block on a dead uploader
+            assert isinstance(item, PackBuilder)
+            try:
+                self._upload(item)
+            except BaseException as exc:
+                self._error = exc
+
+    def _upload(self, builder: PackBuilder) -> None:
+        name, data = builder.finish()
+        self.repo.backend.put(pack_key(name), data)
+        entries = np.zeros(len(builder.entries), ENTRY_DTYPE)
+        for row, e in zip(entries, builder.entries, strict=True):
+            row["type"], row["id"], row["offset"] = e.blob_type, e.blob_id, e.offset
+            row["length"], row["raw_length"] = e.length, e.raw_length
+        with self._lock:
+            for e in builder.entries:
+                self.repo.index.add(e.blob_id, name, e.offset, e.length, e.blob_type)
+                self._in_flight.discard(e.blob_id)
+        self._pending_records.append(PackRecord(name, entries))
+        if len(self._pending_records) >= PACKS_PER_INDEX_FILE:
+            self.repo.write_index(self._pending_records)
+            self._pending_records = []
+
+    def _raise_pending_error(self) -> None:
+        if self._error is not None:
+            raise self._error

@@ -1,0 +1,1 @@
+"""What Hozon can read: file systems (``files``), and later QEMU and libvirt VMs."""
