@@ -18,7 +18,8 @@ from hozon.repo.backends import open_backend
 from hozon.repo.locks import Lock
 from hozon.repo.repository import Repository
 
-console = Console(stderr=False, highlight=False)
+# Piped output is for scripts and logs: never wrap or truncate it.
+console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 250)
 err_console = Console(stderr=True, highlight=False)
 
 RepoOption = typer.Option(
