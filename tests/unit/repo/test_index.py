@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from hozon.repo.index import ENTRY_DTYPE, ChunkIndex, PackRecord, decode_index, encode_index
+
+
+def _record(name: str, ids: list[bytes], condemned_at: int = 0) -> PackRecord:
+    entries = np.zeros(len(ids), ENTRY_DTYPE)
+    for i, blob_id in enumerate(ids):
+        entries[i] = (0, blob_id, i * 100, 100, 90)
+    return PackRecord(name, entries, condemned_at)
+
+
+def test_index_file_round_trip() -> None:
+    ids = [os.urandom(32) for _ in range(5)]
+    records = [_record("ab" * 32, ids[:3]), _record("cd" * 32, ids[3:], condemned_at=123)]
+    decoded = decode_index("index/x", encode_index(records))
+    assert [r.name for r in decoded] == ["ab" * 32, "cd" * 32]
+    assert decoded[1].condemned_at == 123
+    assert bytes(decoded[0].entries[2]["id"]) == ids[2]
+
+
+def test_lookup_finds_every_blob_and_nothing_else() -> None:
+    ids = [os.urandom(32) for _ in range(2000)]
+    index = ChunkIndex()
+    index.load([[_record("aa" * 32, ids[:1000])], [_record("bb" * 32, ids[1000:])]])
+    for i, blob_id in enumerate(ids):
+        loc = index.lookup(blob_id)
+        assert loc is not None and loc.pack == ("aa" * 32 if i < 1000 else "bb" * 32)
+        assert loc.offset == (i % 1000) * 100
+    assert index.lookup(os.urandom(32)) is None
+    found = index.positions(np.frombuffer(b"".join(ids[:10] + [os.urandom(32)]), np.uint8).reshape(-1, 32))
+    assert (found[:10] >= 0).all() and found[10] == -1
+
+
+def test_condemned_blobs_serve_reads_but_not_deduplication() -> None:
+    live, dead = os.urandom(32), os.urandom(32)
+    index = ChunkIndex()
+    index.load([[_record("aa" * 32, [live]), _record("bb" * 32, [dead], condemned_at=5)]])
+    assert index.has_live(live) and not index.has_live(dead)
+    assert index.lookup(dead) is not None
+
+
+def test_a_live_listing_wins_over_a_condemned_one() -> None:
+    blob = os.urandom(32)
+    index = ChunkIndex()
+    index.load([[_record("aa" * 32, [blob], condemned_at=5)], [_record("aa" * 32, [blob])]])
+    assert index.has_live(blob) and not index.condemned
