@@ -11,10 +11,12 @@ that started before that time has ended. Condemned blobs still serve reads, neve
 
 from __future__ import annotations
 
+import ctypes
 import struct
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -53,24 +55,52 @@ def encode_index(packs: Iterable[PackRecord]) -> bytes:
     return b"".join(parts)
 
 
-def decode_index(key: str, data: bytes) -> list[PackRecord]:
+@dataclass
+class IndexFile:
+    """One decoded index file as flat columns: the entries of all its packs, in order."""
+
+    names: list[str]
+    condemned_at: list[int]
+    counts: npt.NDArray[np.int64]
+    entries: npt.NDArray[np.void]  # ENTRY_DTYPE
+
+    @classmethod
+    def from_records(cls, records: list[PackRecord]) -> IndexFile:
+        entries = np.concatenate([r.entries for r in records]) if records else np.zeros(0, ENTRY_DTYPE)
+        counts = np.array([len(r.entries) for r in records], np.int64)
+        return cls([r.name for r in records], [r.condemned_at for r in records], counts, entries)
+
+    def records(self) -> list[PackRecord]:
+        bounds = np.concatenate([[0], np.cumsum(self.counts)])
+        return [PackRecord(name, self.entries[bounds[i] : bounds[i + 1]], self.condemned_at[i])
+                for i, name in enumerate(self.names)]
+
+
+def decode_index(key: str, data: bytes) -> IndexFile:
     if not data.startswith(MAGIC):
         raise CorruptData(key, "not an index file")
-    packs: list[PackRecord] = []
+    names: list[str] = []
+    condemned_at: list[int] = []
+    counts: list[int] = []
+    spans: list[memoryview] = []
+    view = memoryview(data)
     pos = len(MAGIC)
     try:
         while pos < len(data):
-            raw_name, condemned_at, count = _PACK.unpack_from(data, pos)
+            raw_name, condemned, count = _PACK.unpack_from(data, pos)
             pos += _PACK.size
             end = pos + count * ENTRY_DTYPE.itemsize
             if end > len(data):
                 raise CorruptData(key, "index file is truncated")
-            entries = np.frombuffer(data, dtype=ENTRY_DTYPE, count=count, offset=pos)
-            packs.append(PackRecord(raw_name.hex(), entries, condemned_at))
+            names.append(raw_name.hex())
+            condemned_at.append(condemned)
+            counts.append(count)
+            spans.append(view[pos:end])
             pos = end
     except struct.error as exc:
         raise CorruptData(key, "index file is truncated") from exc
-    return packs
+    entries = np.frombuffer(b"".join(spans), dtype=ENTRY_DTYPE)
+    return IndexFile(names, condemned_at, np.array(counts, np.int64), entries)
 
 
 def id_words(ids: npt.NDArray[np.uint8]) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64]]:
@@ -103,45 +133,65 @@ class ChunkIndex:
             self.packs.append(name)
         return number
 
-    def load(self, files: Iterable[list[PackRecord]]) -> None:
-        """Replace the contents with the union of index files; a live listing of a pack wins."""
-        cols: dict[str, list[npt.NDArray[np.generic]]] = {k: [] for k in ("hi", "lo", "pack", "off", "len", "t")}
+    def load(self, files: Iterable[IndexFile]) -> None:
+        """Replace the contents with the union of index files; a live listing of a pack wins.
+
+        Each file is turned into compact columns as it arrives, and the columns are joined and
+        permuted one at a time, so the peak stays well under twice the result.
+        """
+        parts: dict[str, list[npt.NDArray[Any]]] = {k: [] for k in ("hi", "lo", "pack", "offset", "length", "type")}
         condemned: dict[int, int] = {}
         live: set[int] = set()
-        for records in files:
-            for rec in records:
-                number = self.pack_number(rec.name)
-                if rec.condemned_at:
-                    condemned[number] = max(condemned.get(number, 0), rec.condemned_at)
+        for f in files:
+            numbers = np.array([self.pack_number(name) for name in f.names], np.uint32)
+            for number, when in zip(numbers.tolist(), f.condemned_at, strict=True):
+                if when:
+                    condemned[number] = max(condemned.get(number, 0), when)
                 else:
                     live.add(number)
-                ids = np.ascontiguousarray(rec.entries["id"]).view(np.uint8).reshape(-1, 32)
-                hi, lo = id_words(ids)
-                cols["hi"].append(hi)
-                cols["lo"].append(lo)
-                cols["pack"].append(np.full(len(rec.entries), number, np.uint32))
-                cols["off"].append(rec.entries["offset"].astype(np.uint32))
-                cols["len"].append(rec.entries["length"].astype(np.uint32))
-                cols["t"].append(rec.entries["type"].astype(np.uint8))
+            hi, lo = id_words(np.ascontiguousarray(f.entries["id"]).view(np.uint8).reshape(-1, 32))
+            parts["hi"].append(hi)
+            parts["lo"].append(lo)
+            parts["pack"].append(np.repeat(numbers, f.counts))
+            parts["offset"].append(f.entries["offset"].astype(np.uint32))
+            parts["length"].append(f.entries["length"].astype(np.uint32))
+            parts["type"].append(f.entries["type"].astype(np.uint8))
         self.condemned = {n: t for n, t in condemned.items() if n not in live}
 
-        def cat(name: str, dtype: type) -> npt.NDArray[np.generic]:
-            parts = cols.pop(name)
-            return np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype)
+        def column(name: str, dtype: type) -> npt.NDArray[Any]:
+            pieces = parts.pop(name)
+            return np.concatenate(pieces).astype(dtype, copy=False) if pieces else np.zeros(0, dtype)
 
-        hi, lo, pack = cat("hi", np.uint64), cat("lo", np.uint64), cat("pack", np.uint32)
-        is_condemned = np.zeros(len(self.packs), bool)
-        is_condemned[list(self.condemned)] = True
-        order = np.lexsort((is_condemned[pack], lo, hi))  # live copies of a blob first
-        hi, lo, pack = hi[order], lo[order], pack[order]
-        keep = np.ones(len(hi), bool)
-        keep[1:] = (hi[1:] != hi[:-1]) | (lo[1:] != lo[:-1])
-        self.hi, self.lo, self.pack = hi[keep], lo[keep], pack[keep]
+        # One column at a time: join, permute into sorted order, free the pieces.
+        hi = column("hi", np.uint64)
+        order = np.argsort(hi)
+        hi.sort()
+        lo = column("lo", np.uint64)[order]
+        pack = column("pack", np.uint32)[order]
+        same = (hi[1:] == hi[:-1]) & (lo[1:] == lo[:-1])  # one blob listed in several packs
+        keep: npt.NDArray[np.bool_] | slice = slice(None)
+        if same.any():
+            swaps = self._prefer_live_copies(pack, np.flatnonzero(same) + 1)
+            for a, b in swaps:
+                order[a], order[b] = order[b], order[a]
+            keep = np.concatenate([[True], ~same])
+            hi, lo, pack, order = hi[keep], lo[keep], pack[keep], order[keep]
+        self.hi, self.lo, self.pack = hi, lo, pack
         del hi, lo, pack
-        self.offset = cat("off", np.uint32)[order][keep]
-        self.length = cat("len", np.uint32)[order][keep]
-        self.type = cat("t", np.uint8)[order][keep]
+        self.offset = column("offset", np.uint32)[order]
+        self.length = column("length", np.uint32)[order]
+        self.type = column("type", np.uint8)[order]
         self._pending.clear()
+        _give_back_freed_memory()
+
+    def _prefer_live_copies(self, pack: npt.NDArray[np.uint32], duplicates: npt.NDArray[np.intp]) -> list[tuple[int, int]]:
+        """Within each run of copies of one blob, move a copy in a live pack to the front (rare)."""
+        swaps: list[tuple[int, int]] = []
+        for i in duplicates[::-1].tolist():
+            if int(pack[i - 1]) in self.condemned and int(pack[i]) not in self.condemned:
+                pack[i - 1], pack[i] = pack[i], pack[i - 1]
+                swaps.append((i - 1, i))
+        return swaps
 
     def add(self, blob_id: bytes, pack: str, offset: int, length: int, blob_type: int) -> None:
         with self._lock:
@@ -200,3 +250,11 @@ class ChunkIndex:
     def memory_bytes(self) -> int:
         arrays = (self.hi, self.lo, self.pack, self.offset, self.length, self.type)
         return sum(a.nbytes for a in arrays)
+
+
+def _give_back_freed_memory() -> None:
+    """Return the loader's freed temporaries to the OS (glibc keeps them otherwise, inflating RSS)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

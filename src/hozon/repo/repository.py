@@ -22,7 +22,7 @@ from hozon import compress
 from hozon.crypto import AuthenticationFailed, MasterKey, unwrap_master_key, wrap_master_key
 from hozon.errors import CorruptData, HozonError, RepositoryExists, RepositoryNotFound, SnapshotNotFound
 from hozon.repo.backends.base import Backend
-from hozon.repo.index import ChunkIndex, PackRecord, decode_index, encode_index
+from hozon.repo.index import ChunkIndex, IndexFile, PackRecord, decode_index, encode_index
 from hozon.repo.pack import BLOB_TYPES, PackEntry, blob_aad, pack_key, read_header
 from hozon.repo.snapshots import FORMAT_VERSION, Snapshot
 from hozon.repo.tree import Node, decode_tree
@@ -122,11 +122,14 @@ class Repository:
     # -- index ----------------------------------------------------------------------------------
     def load_index(self) -> None:
         self.index_files = sorted(k.rsplit("/", 1)[-1] for k in self.backend.list("index"))
-        self.index.load(self.read_index_file(name) for name in self.index_files)
+        self.index.load(self.decode_index_file(name) for name in self.index_files)
 
-    def read_index_file(self, name: str) -> list[PackRecord]:
+    def decode_index_file(self, name: str) -> IndexFile:
         key = f"index/{name}"
         return decode_index(key, self.load_file(key, b"index"))
+
+    def read_index_file(self, name: str) -> list[PackRecord]:
+        return self.decode_index_file(name).records()
 
     def write_index(self, packs: list[PackRecord]) -> str:
         name = self.save_content_addressed("index", encode_index(packs), b"index")

@@ -1,0 +1,156 @@
+"""Retention policies: which snapshots ``hozon forget`` keeps, decided from snapshot times alone.
+
+Snapshots are first split into groups (by default one per host and set of paths); a policy applies
+to each group on its own. Within a group, snapshots are taken newest first, and one is kept when
+
+- it is among the ``last`` N newest;
+- it is the newest snapshot of its hour, day, ISO week, month or year, and that bucket is among the
+  first N such buckets (counting only buckets that hold a snapshot), for ``hourly`` … ``yearly``;
+- it carries one of the ``tags`` to keep.
+
+Buckets use the local time recorded in each snapshot (its own UTC offset), which is the time the
+user saw when it was made. Everything else is removed. The code here is pure: no repository, no I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from hozon.errors import UsageError
+from hozon.repo.snapshots import Snapshot
+
+GROUP_FIELDS = ("host", "paths", "tags")
+
+
+@dataclass(frozen=True)
+class Retention:
+    """How many snapshots to keep, per kind of bucket; 0 means "this rule keeps nothing"."""
+
+    last: int = 0
+    hourly: int = 0
+    daily: int = 0
+    weekly: int = 0
+    monthly: int = 0
+    yearly: int = 0
+    tags: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("last", "hourly", "daily", "weekly", "monthly", "yearly"):
+            if getattr(self, name) < 0:
+                raise UsageError(f"--keep-{name} must be 0 or more, not {getattr(self, name)}")
+
+    @property
+    def empty(self) -> bool:
+        """A policy that keeps nothing (it would remove every snapshot)."""
+        counts = (self.last, self.hourly, self.daily, self.weekly, self.monthly, self.yearly)
+        return not any(counts) and not self.tags
+
+
+@dataclass(frozen=True)
+class Decision:
+    snapshot: Snapshot
+    keep: bool
+    reasons: tuple[str, ...]  # why it is kept ("last snapshot", "daily snapshot", "tag 'x'"); empty if removed
+
+
+_Bucket = tuple[int, ...]
+
+_BUCKETS: tuple[tuple[str, Callable[[datetime], _Bucket]], ...] = (
+    ("hourly", lambda t: (t.year, t.month, t.day, t.hour)),
+    ("daily", lambda t: (t.year, t.month, t.day)),
+    ("weekly", lambda t: tuple(t.isocalendar())[:2]),
+    ("monthly", lambda t: (t.year, t.month)),
+    ("yearly", lambda t: (t.year,)),
+)
+
+
+def newest_first(snapshots: Iterable[Snapshot]) -> list[Snapshot]:
+    """Newest first; equal times are ordered by id so the result never depends on listing order."""
+    return sorted(snapshots, key=lambda s: (s.datetime.timestamp(), s.id), reverse=True)
+
+
+def apply_retention(snapshots: Iterable[Snapshot], policy: Retention) -> list[Decision]:
+    """Decide every snapshot of one group; the result is newest first."""
+    remaining = {"last": policy.last, **{name: getattr(policy, name) for name, _ in _BUCKETS}}
+    seen: dict[str, set[_Bucket]] = {name: set() for name, _ in _BUCKETS}
+    keep_tags = set(policy.tags)
+    decisions: list[Decision] = []
+    for snap in newest_first(snapshots):
+        reasons = [f"tag '{t}'" for t in sorted(keep_tags & set(snap.tags))]
+        if remaining["last"] > 0:
+            remaining["last"] -= 1
+            reasons.append("last snapshot")
+        when = snap.datetime
+        for name, bucket_of in _BUCKETS:
+            bucket = bucket_of(when)
+            if remaining[name] > 0 and bucket not in seen[name]:
+                seen[name].add(bucket)  # the first one met is the newest of its bucket
+                remaining[name] -= 1
+                reasons.append(f"{name} snapshot")
+        decisions.append(Decision(snap, bool(reasons), tuple(reasons)))
+    return decisions
+
+
+# -- groups ---------------------------------------------------------------------------------------
+@dataclass(frozen=True, order=True)
+class GroupKey:
+    """What the snapshots of one group share; a field not grouped by is None."""
+
+    host: str | None = None
+    paths: tuple[str, ...] | None = None
+    tags: tuple[str, ...] | None = None
+
+    def describe(self) -> str:
+        parts = []
+        if self.host is not None:
+            parts.append(f"host {self.host}")
+        if self.paths is not None:
+            parts.append(f"paths {', '.join(self.paths) or '(none)'}")
+        if self.tags is not None:
+            parts.append(f"tags {', '.join(self.tags) or '(none)'}")
+        return "; ".join(parts) or "all snapshots"
+
+    def as_dict(self) -> dict[str, object]:
+        doc: dict[str, object] = {"host": self.host, "paths": self.paths, "tags": self.tags}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in doc.items() if v is not None}
+
+
+@dataclass
+class Group:
+    key: GroupKey
+    decisions: list[Decision] = field(default_factory=list)
+
+    @property
+    def kept(self) -> list[Decision]:
+        return [d for d in self.decisions if d.keep]
+
+    @property
+    def removed(self) -> list[Decision]:
+        return [d for d in self.decisions if not d.keep]
+
+
+def parse_group_by(text: str) -> tuple[str, ...]:
+    """``host,paths`` → ("host", "paths"); an empty string means one group for everything."""
+    fields = [f.strip() for f in text.split(",") if f.strip()]
+    for f in fields:
+        if f not in GROUP_FIELDS:
+            raise UsageError(f"cannot group by {f!r}", hint="--group-by takes host, paths, tags, or a comma list")
+    return tuple(f for f in GROUP_FIELDS if f in fields)
+
+
+def group_key(snapshot: Snapshot, fields: Sequence[str]) -> GroupKey:
+    return GroupKey(
+        host=snapshot.hostname if "host" in fields else None,
+        paths=tuple(sorted(snapshot.paths)) if "paths" in fields else None,
+        tags=tuple(sorted(snapshot.tags)) if "tags" in fields else None,
+    )
+
+
+def plan_forget(snapshots: Iterable[Snapshot], policy: Retention, fields: Sequence[str]) -> list[Group]:
+    """Group the snapshots and decide each group; groups come in a stable (sorted) order."""
+    members: dict[GroupKey, list[Snapshot]] = {}
+    for snap in snapshots:
+        members.setdefault(group_key(snap, fields), []).append(snap)
+    return [Group(key, apply_retention(snaps, policy)) for key, snaps in sorted(members.items())]
