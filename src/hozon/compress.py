@@ -46,5 +46,5 @@ def decompress(payload: bytes) -> bytes:
     if payload[0] == RAW:
         return payload[1:]
     if payload[0] == ZSTD:
-        return _decompressor().decompress(memoryview(payload)[1:])  # type: ignore[no-any-return]
+        return bytes(_decompressor().decompress(memoryview(payload)[1:]))
     raise ValueError(f"unknown compression byte {payload[0]}")

@@ -11,6 +11,7 @@ that started before that time has ended. Condemned blobs still serve reads, neve
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import struct
 import threading
@@ -184,7 +185,9 @@ class ChunkIndex:
         self._pending.clear()
         _give_back_freed_memory()
 
-    def _prefer_live_copies(self, pack: npt.NDArray[np.uint32], duplicates: npt.NDArray[np.intp]) -> list[tuple[int, int]]:
+    def _prefer_live_copies(
+        self, pack: npt.NDArray[np.uint32], duplicates: npt.NDArray[np.intp]
+    ) -> list[tuple[int, int]]:
         """Within each run of copies of one blob, move a copy in a live pack to the front (rare)."""
         swaps: list[tuple[int, int]] = []
         for i in duplicates[::-1].tolist():
@@ -254,7 +257,5 @@ class ChunkIndex:
 
 def _give_back_freed_memory() -> None:
     """Return the loader's freed temporaries to the OS (glibc keeps them otherwise, inflating RSS)."""
-    try:
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass

@@ -227,9 +227,8 @@ class _Restore:
         opened (symlinks, fifos, devices): those are never followed.
         """
         link = node.type == SYMLINK
-        where: dict[str, int] = {"dir_fd": dir_fd} if dir_fd is not None else {}
         if self._as_root:
-            os.chown(target, _uid_for(node), _gid_for(node), **where, follow_symlinks=not link)
+            os.chown(target, _uid_for(node), _gid_for(node), dir_fd=dir_fd, follow_symlinks=not link)
         if isinstance(target, int):
             for attr, value in node.xattrs.items():
                 try:
@@ -237,8 +236,8 @@ class _Restore:
                 except OSError as exc:
                     self.warnings.append(f"{node.name}: cannot set xattr {attr}: {exc.strerror}")
         if not link:
-            os.chmod(target, node.mode, **where)
-        os.utime(target, ns=(node.mtime_ns, node.mtime_ns), **where, follow_symlinks=not link)
+            os.chmod(target, node.mode, dir_fd=dir_fd)
+        os.utime(target, ns=(node.mtime_ns, node.mtime_ns), dir_fd=dir_fd, follow_symlinks=not link)
 
     def _report(self, path: str) -> None:
         now = time.monotonic()

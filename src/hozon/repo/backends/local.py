@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import uuid
@@ -40,10 +41,8 @@ class LocalBackend:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            try:
-                os.link(tmp, final)  # fails if the key exists: write-once
-            except FileExistsError:
-                pass
+            with contextlib.suppress(FileExistsError):  # the key exists already: write-once
+                os.link(tmp, final)
             os.unlink(tmp)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
