@@ -33,7 +33,7 @@ def test_lookup_finds_every_blob_and_nothing_else() -> None:
         assert loc is not None and loc.pack == ("aa" * 32 if i < 1000 else "bb" * 32)
         assert loc.offset == (i % 1000) * 100
     assert index.lookup(os.urandom(32)) is None
-    found = index.positions(np.frombuffer(b"".join(ids[:10] + [os.urandom(32)]), np.uint8).reshape(-1, 32))
+    found = index.positions(np.frombuffer(b"".join([*ids[:10], os.urandom(32)]), np.uint8).reshape(-1, 32))
     assert (found[:10] >= 0).all() and found[10] == -1
 
 
