@@ -126,6 +126,14 @@ class MacOnlyCipher(BlobCipher):
         return bytes(view[:-TAG_SIZE])
 
 
+def content_name(stored: bytes | memoryview) -> str:
+    """The name of a write-once repository file: unkeyed BLAKE3-256 (hex) of its stored bytes.
+
+    Anyone can verify a file against its name without the key; BLAKE3 is 2-4x faster than SHA-256 here.
+    """
+    return blake3.blake3(stored, max_threads=blake3.blake3.AUTO).hexdigest()
+
+
 def wrap_master_key(master: MasterKey, password: str | None) -> dict[str, Any]:
     """The content of a key file: the master key sealed under an Argon2id-derived key."""
     body = json.dumps(master.to_json()).encode()

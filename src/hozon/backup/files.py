@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import fnmatch
 import os
-import stat
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
-from typing import BinaryIO
 
 from hozon import __version__
 from hozon.chunking import CDC_MIN, ContentChunker
@@ -72,9 +70,10 @@ class _FileBackup:
         self.counters = BackupCounters()
         self.warnings: list[str] = []
         self.chunker = ContentChunker(repo.master.chunker_seed)
-        self._pending: list[tuple[Node, list[Future[bytes]]]] = []
+        self._pending: list[tuple[Node, list[Future[bytes | None]]]] = []
         # (dev, ino) of a multi-link file → its first node, pending reads, and how it was counted
-        self._hardlinks: dict[tuple[int, int], tuple[Node, list[Future[bytes]], str]] = {}
+        self._hardlinks: dict[tuple[int, int], tuple[Node, list[Future[bytes | None]], str]] = {}
+        self._failed: set[int] = set()  # id() of nodes whose file failed while being read
         self._last_progress = 0.0
 
     # -- exclusion ------------------------------------------------------------------------------
@@ -115,13 +114,15 @@ class _FileBackup:
             else:
                 parent_sub = previous.subtree if previous is not None and previous.type == DIR else None
                 node.subtree = self.backup_dir(path, parent_sub, root_dev)
-        elif node.type == FILE:
-            self.backup_file(path, node, st, previous)
+        elif node.type == FILE and not self.backup_file(path, node, st, previous):
+            return None
         self._report(path)
         return node
 
     def store_tree(self, nodes: list[Node]) -> str:
         self._resolve_pending()
+        if self._failed:
+            nodes = [n for n in nodes if id(n) not in self._failed]
         return self.writer.store(encode_tree(nodes), TREE).hex()
 
     def _load_parent(self, tree_id: str | None) -> dict[str, Node]:
@@ -133,29 +134,38 @@ class _FileBackup:
             return {}
 
     # -- files ----------------------------------------------------------------------------------
-    def backup_file(self, path: str, node: Node, st: os.stat_result, previous: Node | None) -> None:
-        self.counters.total_files += 1
-        self.counters.total_bytes += node.size
+    def backup_file(self, path: str, node: Node, st: os.stat_result, previous: Node | None) -> bool:
+        """Fill in the content of ``node``; False when the file could not be read (it was warned about).
+
+        Such a file is left out of the snapshot: kept without its content, it would restore as an
+        empty or zero-filled file that looks like real data.
+        """
         link_key = (st.st_dev, st.st_ino)
         if st.st_nlink > 1 and link_key in self._hardlinks:  # another name of a file already read
             first, first_futures, counted_as = self._hardlinks[link_key]
             node.extents, node.size, node.content = first.extents, first.size, first.content
             if first_futures:
                 self._pending.append((node, first_futures))
-            self._count(counted_as)  # a new file is new under each of its names, not "unmodified"
-            return
-        futures: list[Future[bytes]] = []
+            self._count(node, counted_as)  # a new file is new under each of its names, not "unmodified"
+            return True
+        futures: list[Future[bytes | None]] = []
         if previous is not None and self._unchanged(node, previous):
             node.content, node.extents = previous.content, previous.extents
             counted_as = "files_unmodified"
         else:
             counted_as = "files_new" if previous is None else "files_changed"
-            futures = self._read_content(path, node)
-        self._count(counted_as)
+            read = self._read_content(path, node)
+            if read is None:
+                return False
+            futures = read
+        self._count(node, counted_as)
         if st.st_nlink > 1:
             self._hardlinks[link_key] = (node, futures, counted_as)
+        return True
 
-    def _count(self, counter: str) -> None:
+    def _count(self, node: Node, counter: str) -> None:
+        self.counters.total_files += 1
+        self.counters.total_bytes += node.size
         setattr(self.counters, counter, getattr(self.counters, counter) + 1)
 
     def _unchanged(self, node: Node, previous: Node) -> bool:
@@ -164,58 +174,55 @@ class _FileBackup:
         )
         return same and all(self.repo.index.has_live(bytes.fromhex(c)) for c in previous.content)
 
-    def _read_content(self, path: str, node: Node) -> list[Future[bytes]]:
-        flags = os.O_RDONLY | getattr(os, "O_NOATIME", 0)
+    def _read_content(self, path: str, node: Node) -> list[Future[bytes | None]] | None:
+        """Start storing the file's chunks; None when it cannot be opened (warned about)."""
         try:
-            try:
-                fd = os.open(path, flags | os.O_NOFOLLOW)
-            except PermissionError:
-                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+            fd = _open_for_reading(path)
         except OSError as exc:
             self.warn(path, exc)
-            node.size = 0
-            return []
-        futures: list[Future[bytes]] = []
+            return None
+        if node.size <= CDC_MIN:  # one chunk at most: read, hash and seal it all on a worker
+            return self._pend(node, [self.writer.run(self._store_small_file, fd, path, node)])
+        futures: list[Future[bytes | None]] = []
         try:
             with os.fdopen(fd, "rb", buffering=0) as f:
                 st = os.fstat(f.fileno())
-                if not stat.S_ISREG(st.st_mode):
-                    return []
                 if is_sparse(st):
                     node.extents = data_extents(f.fileno(), st.st_size)
                     for offset, length in node.extents:
                         f.seek(offset)
                         self._submit_all(self.chunker.chunks(f, length), futures)
                 else:
-                    node.size = self._submit_all(self._whole_file_chunks(f, st.st_size), futures)
+                    node.size = self._submit_all(self.chunker.chunks(f), futures)
         except OSError as exc:
-            self.warn(path, exc)
+            self._fail(node, path, exc)
+        return self._pend(node, futures)
+
+    def _store_small_file(self, fd: int, path: str, node: Node) -> bytes | None:
+        """Worker task: a file that fits one chunk, read and stored in one go."""
+        try:
+            with os.fdopen(fd, "rb", buffering=0) as f:
+                data = f.read(node.size)  # exactly: a larger read buffer costs more than the read
+        except OSError as exc:
+            self._fail(node, path, exc)
+            return None
+        node.size = len(data)  # what was read is what is kept, even if the file just changed
+        self.counters.bytes_read += len(data)
+        return self.writer.store_blob(data, DATA) if data else None
+
+    def _fail(self, node: Node, path: str, exc: OSError) -> None:
+        """A read error after opening: the file is left out of its directory (see backup_file)."""
+        self.warn(path, exc)
+        self._failed.add(id(node))
+
+    def _pend(self, node: Node, futures: list[Future[bytes | None]]) -> list[Future[bytes | None]]:
         self._pending.append((node, futures))
         return futures
 
-    def _whole_file_chunks(self, f: BinaryIO, size: int) -> Iterable[bytes]:
-        """The chunks of a whole file; a small one is read directly as its only chunk.
-
-        FastCDC never cuts below its minimum size, so a file no larger than that is one chunk
-        whatever the cut points; skipping the chunker there saves the ~1 ms it spends setting up
-        its buffer, which dominated backups of many small files.
-        """
-        if size <= CDC_MIN:
-            data = b""
-            while len(data) <= CDC_MIN:  # an unbuffered read may return less than asked
-                more = f.read(CDC_MIN + 1 - len(data))
-                if not more:
-                    break
-                data += more
-            if len(data) <= CDC_MIN:  # still small: it did not grow since fstat
-                return [data] if data else []
-            f.seek(0)
-        return self.chunker.chunks(f)
-
-    def _submit_all(self, chunks: Iterable[bytes], futures: list[Future[bytes]]) -> int:
+    def _submit_all(self, chunks: Iterable[bytes], futures: list[Future[bytes | None]]) -> int:
         total = 0
         for chunk in chunks:
-            futures.append(self.writer.submit(chunk, DATA))
+            futures.append(self.writer.run(self.writer.store_blob, chunk, DATA))
             total += len(chunk)
             self.counters.bytes_read += len(chunk)
         return total
@@ -223,7 +230,7 @@ class _FileBackup:
     def _resolve_pending(self) -> None:
         for node, futures in self._pending:
             if futures:
-                node.content = [f.result().hex() for f in futures]
+                node.content = [blob_id.hex() for f in futures if (blob_id := f.result()) is not None]
         self._pending = []
 
     # -- reporting ------------------------------------------------------------------------------
@@ -303,6 +310,14 @@ def backup_files(
     )
     repo.save_snapshot(snapshot)
     return BackupResult(snapshot, job.warnings)
+
+
+def _open_for_reading(path: str) -> int:
+    """Open without following a symlink swapped in since lstat, and without touching atime."""
+    try:
+        return os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NOATIME", 0))
+    except PermissionError:  # O_NOATIME needs ownership (or CAP_FOWNER)
+        return os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
 
 
 def _username() -> str:

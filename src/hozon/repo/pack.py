@@ -1,4 +1,4 @@
-"""Pack files: many sealed blobs in one write-once file, named by the SHA-256 of its bytes.
+"""Pack files: many sealed blobs in one write-once file, named by the BLAKE3 hash of its bytes.
 
     pack   = blob* header_sealed header_length:u32le
     header = (type:u8 id:32 length:u32le raw_length:u32le)*     offsets follow from the order
@@ -8,11 +8,10 @@ The header repeats what the index says, so a lost index can be rebuilt from the 
 
 from __future__ import annotations
 
-import hashlib
 import struct
 from dataclasses import dataclass
 
-from hozon.crypto import AuthenticationFailed, BlobCipher
+from hozon.crypto import AuthenticationFailed, BlobCipher, content_name
 from hozon.errors import CorruptData
 
 DATA = 0
@@ -65,7 +64,7 @@ class PackBuilder:
         self._parts.append(struct.pack("<I", len(sealed_header)))
         data = b"".join(self._parts)
         self._parts = []
-        return hashlib.sha256(data).hexdigest(), data
+        return content_name(data), data
 
 
 def read_header(cipher: BlobCipher, key: str, tail: bytes, pack_size: int) -> list[PackEntry]:

@@ -4,22 +4,21 @@ Layout (docs/format.md has the bytes):
 
     config              sealed JSON: format version, repository id, chunker settings
     keys/<id>           the master key wrapped by a password (one file per password)
-    data/<xx>/<sha256>  pack files
-    index/<sha256>      index files
-    snapshots/<sha256>  snapshot files
+    data/<xx>/<blake3>   pack files
+    index/<blake3>       index files
+    snapshots/<blake3>   snapshot files
     locks/<random>      who is using the repository
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Iterator
 from typing import Any
 
 from hozon import compress
-from hozon.crypto import AuthenticationFailed, MasterKey, unwrap_master_key, wrap_master_key
+from hozon.crypto import AuthenticationFailed, MasterKey, content_name, unwrap_master_key, wrap_master_key
 from hozon.errors import CorruptData, HozonError, RepositoryExists, RepositoryNotFound, SnapshotNotFound
 from hozon.repo.backends.base import Backend
 from hozon.repo.index import ChunkIndex, IndexFile, PackRecord, decode_index, encode_index
@@ -113,9 +112,9 @@ class Repository:
         return self.unseal(key, data, aad)
 
     def save_content_addressed(self, prefix: str, plaintext: bytes, aad: bytes) -> str:
-        """Write a sealed file named by the SHA-256 of its stored bytes; returns the name."""
+        """Write a sealed file named by the hash of its stored bytes; returns the name."""
         data = self.seal(plaintext, aad)
-        name = hashlib.sha256(data).hexdigest()
+        name = content_name(data)
         self.backend.put(f"{prefix}/{name}", data)
         return name
 
@@ -220,6 +219,6 @@ class Repository:
 
 def _store_key(backend: Backend, master: MasterKey, password: str | None) -> str:
     body = json.dumps(wrap_master_key(master, password)).encode()
-    name = hashlib.sha256(body).hexdigest()
+    name = content_name(body)
     backend.put(f"keys/{name}", body)
     return name

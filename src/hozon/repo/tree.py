@@ -8,7 +8,7 @@ bytes the file system gave (non-UTF-8 names survive through surrogate escapes).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 FILE = "file"
@@ -44,9 +44,10 @@ class Node:
     xattrs: dict[str, str] = field(default_factory=dict)  # name → base64 value
 
     def to_json(self) -> dict[str, Any]:
-        doc = asdict(self)
-        # Leave out what is empty, so trees stay small and stable.
-        return {k: v for k, v in doc.items() if v not in (None, [], {}, "", 0) or k in ("name", "type")}
+        # Leave out what is empty, so trees stay small and stable (and skip asdict's deep copy).
+        doc: dict[str, Any] = {"name": self.name, "type": self.type}
+        doc.update((k, v) for k, v in vars(self).items() if v and k not in ("name", "type"))
+        return doc
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> Node:

@@ -14,8 +14,10 @@ from __future__ import annotations
 import os
 import queue
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -25,6 +27,7 @@ from hozon.repo.pack import PackBuilder, blob_aad, pack_key
 from hozon.repo.repository import Repository
 
 PACKS_PER_INDEX_FILE = 8
+T = TypeVar("T")
 _STOP = object()
 
 
@@ -58,9 +61,13 @@ class BlobWriter:
     # -- public ---------------------------------------------------------------------------------
     def submit(self, data: bytes, blob_type: int) -> Future[bytes]:
         """Store ``data`` unless the repository has it; the future gives its id."""
+        return self.run(self.store_blob, data, blob_type)
+
+    def run(self, task: Callable[..., T], *args: Any) -> Future[T]:
+        """Run ``task`` on a worker (it may call ``store_blob``); blocks while all slots are busy."""
         self._raise_pending_error()
         self._slots.acquire()
-        future = self._pool.submit(self._store, data, blob_type)
+        future = self._pool.submit(task, *args)
         future.add_done_callback(lambda _f: self._slots.release())
         return future
 
@@ -101,7 +108,8 @@ class BlobWriter:
             self.abort()
 
     # -- workers --------------------------------------------------------------------------------
-    def _store(self, data: bytes, blob_type: int) -> bytes:
+    def store_blob(self, data: bytes, blob_type: int) -> bytes:
+        """Hash, deduplicate, compress, seal and pack one blob (on the calling thread); its id."""
         blob_id = self.repo.master.chunk_id(data)
         with self._lock:
             if blob_id in self._in_flight or self.repo.index.has_live(blob_id):
