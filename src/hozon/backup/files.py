@@ -18,6 +18,7 @@ from pathlib import PurePosixPath
 from hozon import __version__
 from hozon.chunking import CDC_MIN, ContentChunker
 from hozon.repo.pack import DATA, TREE
+from hozon.repo.recover import adopt_orphan_packs
 from hozon.repo.repository import Repository
 from hozon.repo.snapshots import Snapshot, now_iso, this_host
 from hozon.repo.tree import DIR, FILE, Node, encode_tree
@@ -123,7 +124,7 @@ class _FileBackup:
         self._resolve_pending()
         if self._failed:
             nodes = [n for n in nodes if id(n) not in self._failed]
-        return self.writer.store(encode_tree(nodes), TREE).hex()
+        return self.writer.store_blob(encode_tree(nodes), TREE).hex()  # small: no hand-off
 
     def _load_parent(self, tree_id: str | None) -> dict[str, Node]:
         if tree_id is None:
@@ -293,6 +294,7 @@ def backup_files(
     hostname = options.hostname or this_host()
     parent = find_parent(repo, hostname, paths)
     started = time.monotonic()
+    adopt_orphan_packs(repo)  # chunks a killed backup uploaded are reused, not uploaded again
     with BlobWriter(repo) as writer:
         job = _FileBackup(repo, writer, options, progress)
         tree = _root_tree(job, paths, parent.tree if parent else None)

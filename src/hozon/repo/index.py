@@ -11,8 +11,6 @@ that started before that time has ended. Condemned blobs still serve reads, neve
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import struct
 import threading
 from collections.abc import Iterable
@@ -22,6 +20,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from hozon.allocator import release_free_memory
 from hozon.errors import CorruptData
 
 MAGIC = b"HZI1"
@@ -183,7 +182,7 @@ class ChunkIndex:
         self.length = column("length", np.uint32)[order]
         self.type = column("type", np.uint8)[order]
         self._pending.clear()
-        _give_back_freed_memory()
+        release_free_memory()  # the loader's temporaries, kept by the allocator otherwise
 
     def _prefer_live_copies(
         self, pack: npt.NDArray[np.uint32], duplicates: npt.NDArray[np.intp]
@@ -254,8 +253,3 @@ class ChunkIndex:
         arrays = (self.hi, self.lo, self.pack, self.offset, self.length, self.type)
         return sum(a.nbytes for a in arrays)
 
-
-def _give_back_freed_memory() -> None:
-    """Return the loader's freed temporaries to the OS (glibc keeps them otherwise, inflating RSS)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
