@@ -14,7 +14,8 @@ a test keeps that table honest). Anything else that escapes is a bug and is show
     ├── CorruptData                 exit 1   a repository file fails its checks
     ├── RepositoryFull              exit 1   the repository's disk is full
     ├── BackendError                exit 1   the storage failed in another way
-    └── RestoreOutsideTarget        exit 1   a stored name tries to escape the restore target
+    ├── RestoreOutsideTarget        exit 1   a stored name tries to escape the restore target
+    └── NbdError                    exit 1   an NBD server misbehaved, refused or failed a request
 """
 
 from __future__ import annotations
@@ -95,3 +96,7 @@ class BackendError(HozonError):
 class RestoreOutsideTarget(HozonError):
     def __init__(self, name: str) -> None:
         super().__init__(f"refusing to restore {name!r}: it would be written outside the target")
+
+
+class NbdError(HozonError):
+    """An NBD server misbehaved, refused a request, failed one, or could not be reached."""
