@@ -15,7 +15,9 @@ a test keeps that table honest). Anything else that escapes is a bug and is show
     ├── RepositoryFull              exit 1   the repository's disk is full
     ├── BackendError                exit 1   the storage failed in another way
     ├── RestoreOutsideTarget        exit 1   a stored name tries to escape the restore target
-    └── NbdError                    exit 1   an NBD server misbehaved, refused or failed a request
+    ├── NbdError                    exit 1   an NBD server misbehaved, refused or failed a request
+    └── QmpError                    exit 1   QEMU's monitor (QMP) could not be reached, misbehaved or went away
+        └── QmpCommandError         exit 1   QEMU ran a QMP command and reported an error
 """
 
 from __future__ import annotations
@@ -65,7 +67,10 @@ class WrongPassword(HozonError):
     exit_code = 12
 
     def __init__(self) -> None:
-        super().__init__("wrong password: no key of this repository opens with it")
+        super().__init__(
+            "wrong password: no key of this repository opens with it",
+            hint="if the password is right, a key file under keys/ may be damaged: hozon list keys",
+        )
 
 
 class SnapshotNotFound(HozonError):
@@ -100,3 +105,17 @@ class RestoreOutsideTarget(HozonError):
 
 class NbdError(HozonError):
     """An NBD server misbehaved, refused a request, failed one, or could not be reached."""
+
+
+class QmpError(HozonError):
+    """QEMU's monitor (QMP) could not be reached, did not answer in time, misbehaved, or went away."""
+
+
+class QmpCommandError(QmpError):
+    """QEMU ran a QMP command and answered with an error; ``error_class`` and ``desc`` are QEMU's words."""
+
+    def __init__(self, command: str, error_class: str, desc: str) -> None:
+        super().__init__(f"QMP command {command} failed with {error_class}: {desc}")
+        self.command = command
+        self.error_class = error_class
+        self.desc = desc

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
@@ -75,6 +76,7 @@ class _FileBackup:
         # (dev, ino) of a multi-link file → its first node, pending reads, and how it was counted
         self._hardlinks: dict[tuple[int, int], tuple[Node, list[Future[bytes | None]], str]] = {}
         self._failed: set[int] = set()  # id() of nodes whose file failed while being read
+        self._read_lock = threading.Lock()  # bytes_read grows on workers too; ``+=`` is not atomic
         self._last_progress = 0.0
 
     # -- exclusion ------------------------------------------------------------------------------
@@ -208,7 +210,7 @@ class _FileBackup:
             self._fail(node, path, exc)
             return None
         node.size = len(data)  # what was read is what is kept, even if the file just changed
-        self.counters.bytes_read += len(data)
+        self._add_read(len(data))
         return self.writer.store_blob(data, DATA) if data else None
 
     def _fail(self, node: Node, path: str, exc: OSError) -> None:
@@ -225,8 +227,12 @@ class _FileBackup:
         for chunk in chunks:
             futures.append(self.writer.run(self.writer.store_blob, chunk, DATA))
             total += len(chunk)
-            self.counters.bytes_read += len(chunk)
+            self._add_read(len(chunk))
         return total
+
+    def _add_read(self, n: int) -> None:
+        with self._read_lock:
+            self.counters.bytes_read += n
 
     def _resolve_pending(self) -> None:
         for node, futures in self._pending:
@@ -251,6 +257,9 @@ Layout = dict[str, "Layout"]  # the directories from / down to the backed-up pat
 
 def _root_tree(job: _FileBackup, paths: list[str], parent_root: str | None) -> str:
     """Build the tree from / down to each backed-up path, with the real metadata of every level."""
+    if "/" in paths:  # the whole file system: / is no level above a path but the directory backed up
+        root_dev = os.lstat("/").st_dev if job.options.one_file_system else None
+        return job.backup_dir("/", parent_root, root_dev)
     layout: Layout = {}
     for p in paths:
         level = layout
@@ -281,7 +290,7 @@ def _root_tree(job: _FileBackup, paths: list[str], parent_root: str | None) -> s
 
 
 def find_parent(repo: Repository, hostname: str, paths: list[str]) -> Snapshot | None:
-    candidates = [s for s in repo.list_snapshots() if s.kind == "files" and s.hostname == hostname
+    candidates = [s for s in repo.readable_snapshots()[0] if s.kind == "files" and s.hostname == hostname
                   and sorted(s.paths) == paths]
     return candidates[-1] if candidates else None
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import sys
 
 import typer
+from rich.text import Text
 
 from hozon import __version__
-from hozon.cli import backup_cmd, repo_cmd, restore_cmd, snapshots_cmd
+from hozon.allocator import tune_for_large_buffers
+from hozon.cli import backup_cmd, check_cmd, forget_cmd, repo_cmd, restore_cmd, snapshots_cmd
 from hozon.cli.common import err_console
 from hozon.errors import HozonError
 
@@ -21,8 +23,11 @@ app.command()(snapshots_cmd.snapshots)
 app.command()(snapshots_cmd.ls)
 app.command()(snapshots_cmd.diff)
 app.command()(restore_cmd.restore)
+app.command()(check_cmd.check)
 app.command()(repo_cmd.cat)
 app.command()(repo_cmd.unlock)
+app.command()(forget_cmd.forget)
+app.command()(forget_cmd.prune)
 app.add_typer(repo_cmd.key_app, name="key")
 app.add_typer(repo_cmd.list_app, name="list")
 
@@ -34,12 +39,17 @@ def version() -> None:
 
 
 def main() -> None:
+    tune_for_large_buffers()
     try:
-        app(standalone_mode=False)
+        # Without standalone mode click returns the code of a ``typer.Exit`` instead of exiting.
+        code = app(standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except HozonError as exc:
-        err_console.print(f"[red]hozon: error:[/] {exc.message}", markup=True, highlight=False)
+        # Messages hold paths: never read as markup ('[' in a name), never wrapped (one line to grep).
+        err_console.print(Text.assemble(("hozon: error:", "red"), " ", exc.message), soft_wrap=True)
         if exc.hint:
-            err_console.print(f"hint: {exc.hint}", markup=False)
+            err_console.print(f"hint: {exc.hint}", markup=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         err_console.print("hozon: interrupted; nothing was committed by the interrupted step")
@@ -48,10 +58,10 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except typer.Abort:
         sys.exit(130)
-    except Exception as exc:  # click's usage errors
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
+    except Exception as exc:  # command-line errors: click's, or those of the copy of click newer typers carry
+        show = getattr(exc, "show", None)
+        code = getattr(exc, "exit_code", None)
+        if callable(show) and isinstance(code, int):
+            show()
+            sys.exit(code)
         raise

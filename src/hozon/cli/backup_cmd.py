@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.text import Text
 
 from hozon.backup.files import BackupCounters, BackupOptions, backup_files, load_exclude_file
 from hozon.cli.common import (
@@ -63,7 +64,8 @@ def backup(
         print_json({"snapshot": snap.listing(), "warnings": result.warnings})
     else:
         for w in result.warnings:
-            err_console.print(f"[yellow]warning:[/] {w}")
+            # Paths as they are: never read as markup, never wrapped (logs are searched for them).
+            err_console.print(Text.assemble(("warning:", "yellow"), " ", w), soft_wrap=True)
         console.print(
             f"files: {s['files_new']} new, {s['files_changed']} changed, {s['files_unmodified']} unmodified; "
             f"{s['dirs']} dirs; {human_bytes(s['total_bytes'])} in total"

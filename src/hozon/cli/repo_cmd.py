@@ -82,7 +82,7 @@ def list_locks_cmd(repo: str | None = RepoOption, json_out: bool = JsonOption) -
     if not locks:
         console.print("no locks")
     for lk in locks:
-        console.print(f"{lk.name[:8]}  {lk.describe()}{'  [stale]' if lk.stale else ''}")
+        console.print(f"{lk.name[:8]}  {lk.describe()}{'  [stale]' if lk.stale else ''}", markup=False)
 
 
 @list_app.command("snapshots")

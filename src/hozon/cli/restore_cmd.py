@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.text import Text
 
 from hozon.cli.common import RepoOption, console, err_console, human_bytes, interactive, locked_repo
 from hozon.repo.locks import SHARED
@@ -35,9 +36,10 @@ def restore(
         else:
             result = restore_files(repository, snap, options)
     for w in result.warnings:
-        err_console.print(f"[yellow]warning:[/] {w}")
+        # Paths as they are: never read as markup, never wrapped (logs are searched for them).
+        err_console.print(Text.assemble(("warning:", "yellow"), " ", w), soft_wrap=True)
     c = result.counters
     console.print(f"restored snapshot {snap.short_id} to {target}: {c.files} files, {c.dirs} dirs, "
-                  f"{human_bytes(c.bytes_written)}")
+                  f"{human_bytes(c.bytes_written)}", markup=False)
     if result.warnings:
         raise typer.Exit(WARNINGS_EXIT)

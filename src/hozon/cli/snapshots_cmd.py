@@ -7,10 +7,12 @@ from datetime import datetime
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
-from hozon.cli.common import JsonOption, RepoOption, console, human_bytes, open_repo, print_json
+from hozon.cli.common import JsonOption, RepoOption, console, err_console, human_bytes, open_repo, print_json
 from hozon.errors import HozonError
 from hozon.repo import browse
+from hozon.repo.snapshots import Snapshot
 from hozon.repo.tree import DIR, SYMLINK
 
 
@@ -23,19 +25,29 @@ def snapshots(
 ) -> None:
     """List snapshots, oldest first."""
     repository = open_repo(repo, load_index=False)
-    snaps = repository.list_snapshots()
+    snaps, damaged = repository.readable_snapshots()
+    for problem in damaged:
+        err_console.print(f"warning: {problem.message}; it is not listed", markup=False, soft_wrap=True)
     snaps = [s for s in snaps if (not host or s.hostname == host) and (not tag or set(tag) & set(s.tags))
              and (not path or set(path) <= set(s.paths))]
     if json_out:
         print_json([s.listing() for s in snaps])
-        return
+    else:
+        _print_table(snaps)
+    if damaged:
+        raise typer.Exit(1)
+
+
+def _print_table(snaps: list[Snapshot]) -> None:
     table = Table(box=None, header_style="bold")
     for col in ("ID", "Time", "Host", "Kind", "Tags", "Paths", "Size"):
         table.add_column(col)
     for s in snaps:
         when = datetime.fromisoformat(s.time).strftime("%Y-%m-%d %H:%M:%S")
         size = human_bytes(s.summary.get("total_bytes", 0))
-        table.add_row(s.short_id, when, s.hostname, s.kind, ",".join(s.tags), "\n".join(s.paths), size)
+        # Text, not markup: a '[' in a tag or path is shown as it is (and '[/]' raised MarkupError).
+        table.add_row(s.short_id, when, Text(s.hostname), s.kind, Text(",".join(s.tags)), Text("\n".join(s.paths)),
+                      size)
     console.print(table)
     console.print(f"{len(snaps)} snapshot(s)")
 

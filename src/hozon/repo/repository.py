@@ -120,8 +120,16 @@ class Repository:
 
     # -- index ----------------------------------------------------------------------------------
     def load_index(self) -> None:
-        self.index_files = sorted(k.rsplit("/", 1)[-1] for k in self.backend.list("index"))
-        self.index.load(self.decode_index_file(name) for name in self.index_files)
+        for attempt in range(3):
+            self.index_files = sorted(k.rsplit("/", 1)[-1] for k in self.backend.list("index"))
+            try:
+                self.index.load(self.decode_index_file(name) for name in self.index_files)
+                return
+            except CorruptData as exc:
+                # A prune replaced the index while we read it (new files are written before old
+                # ones go): list again. A file missing twice more is damage.
+                if attempt == 2 or not exc.path.startswith("index/") or self.backend.exists(exc.path):
+                    raise
 
     def decode_index_file(self, name: str) -> IndexFile:
         key = f"index/{name}"
@@ -176,7 +184,17 @@ class Repository:
         return plain
 
     def load_tree(self, tree_id: str) -> list[Node]:
-        return decode_tree(self.load_blob(bytes.fromhex(tree_id)))
+        try:
+            blob_id = bytes.fromhex(tree_id)
+        except ValueError as exc:
+            raise CorruptData(f"tree {tree_id[:16]!r}", "a tree id is not hexadecimal") from exc
+        data = self.load_blob(blob_id)
+        try:
+            return decode_tree(data)
+        except (ValueError, TypeError, KeyError) as exc:
+            loc = self.index.lookup(blob_id)
+            where = pack_key(loc.pack) if loc else "index/"
+            raise CorruptData(where, f"tree blob {tree_id[:16]} is not a valid tree ({exc})") from exc
 
     # -- snapshots ------------------------------------------------------------------------------
     def save_snapshot(self, snapshot: Snapshot) -> str:
@@ -193,13 +211,29 @@ class Repository:
         return sorted(k.rsplit("/", 1)[-1] for k in self.backend.list("snapshots"))
 
     def list_snapshots(self) -> list[Snapshot]:
+        """Every snapshot, oldest first; a damaged snapshot file raises (prune must not guess)."""
         snaps = [self.load_snapshot(i) for i in self.snapshot_ids()]
         return sorted(snaps, key=lambda s: s.datetime)
+
+    def readable_snapshots(self) -> tuple[list[Snapshot], list[CorruptData]]:
+        """The snapshots that can be read, oldest first, and what is wrong with the others."""
+        snaps: list[Snapshot] = []
+        damaged: list[CorruptData] = []
+        for snapshot_id in self.snapshot_ids():
+            try:
+                snaps.append(self.load_snapshot(snapshot_id))
+            except CorruptData as exc:
+                damaged.append(exc)
+            except (ValueError, KeyError, TypeError) as exc:
+                damaged.append(CorruptData(f"snapshots/{snapshot_id}", f"unreadable content ({exc})"))
+        return sorted(snaps, key=lambda s: s.datetime), damaged
 
     def resolve_snapshot(self, ref: str) -> Snapshot:
         """A snapshot from a full id, a unique id prefix, or ``latest`` (optionally ``latest:PATH``)."""
         if ref == "latest" or ref.startswith("latest:"):
-            snaps = self.list_snapshots()
+            snaps, damaged = self.readable_snapshots()
+            if damaged:  # its time is unknown: it might be the latest one
+                raise damaged[0]
             if ref.startswith("latest:"):
                 path = ref.split(":", 1)[1]
                 snaps = [s for s in snaps if path in s.paths or s.extra.get("vm") == path]

@@ -23,12 +23,21 @@ import numpy as np
 
 from hozon import compress
 from hozon.repo.index import ENTRY_DTYPE, PackRecord
-from hozon.repo.pack import PackBuilder, blob_aad, pack_key
+from hozon.repo.pack import PackBuilder, PackEntry, blob_aad, pack_key
 from hozon.repo.repository import Repository
 
 PACKS_PER_INDEX_FILE = 8
 T = TypeVar("T")
 _STOP = object()
+
+
+def pack_record(name: str, entries: list[PackEntry]) -> PackRecord:
+    """How an index file lists pack ``name`` holding ``entries``."""
+    rows = np.zeros(len(entries), ENTRY_DTYPE)
+    for row, e in zip(rows, entries, strict=True):
+        row["type"], row["id"], row["offset"] = e.blob_type, e.blob_id, e.offset
+        row["length"], row["raw_length"] = e.length, e.raw_length
+    return PackRecord(name, rows)
 
 
 @dataclass
@@ -153,15 +162,11 @@ class BlobWriter:
     def _upload(self, builder: PackBuilder) -> None:
         name, data = builder.finish()
         self.repo.backend.put(pack_key(name), data)
-        entries = np.zeros(len(builder.entries), ENTRY_DTYPE)
-        for row, e in zip(entries, builder.entries, strict=True):
-            row["type"], row["id"], row["offset"] = e.blob_type, e.blob_id, e.offset
-            row["length"], row["raw_length"] = e.length, e.raw_length
         with self._lock:
             for e in builder.entries:
                 self.repo.index.add(e.blob_id, name, e.offset, e.length, e.blob_type)
                 self._in_flight.discard(e.blob_id)
-        self._pending_records.append(PackRecord(name, entries))
+        self._pending_records.append(pack_record(name, builder.entries))
         if len(self._pending_records) >= PACKS_PER_INDEX_FILE:
             self.repo.write_index(self._pending_records)
             self._pending_records = []

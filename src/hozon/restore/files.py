@@ -20,10 +20,21 @@ from dataclasses import dataclass, field
 from hozon.errors import HozonError
 from hozon.repo.repository import Repository
 from hozon.repo.snapshots import Snapshot
-from hozon.repo.tree import BLOCKDEV, CHARDEV, DIR, FIFO, FILE, SYMLINK, Node
+from hozon.repo.tree import BLOCKDEV, CHARDEV, DIR, FIFO, FILE, SOCKET, SYMLINK, Node
 from hozon.restore import safe_fs
 
 PREFETCH_CHUNKS = 16
+
+# What creating one entry can raise besides the OS refusing: a damaged or hostile tree may hold values
+# the OS calls reject (a NUL in a link target, an owner id out of range, a mode that is not a number).
+# Each costs that entry only, with a warning; it never stops the restore.
+_ENTRY_ERRORS = (OSError, ValueError, TypeError, OverflowError)
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, OSError):
+        return str(exc.strerror or exc)
+    return f"invalid entry in the snapshot ({exc})"
 
 
 @dataclass
@@ -90,20 +101,27 @@ class _Restore:
 
     # -- pass 1: skeleton -----------------------------------------------------------------------
     def skeleton(self, tree_id: str, parts: list[str], dir_fd: int) -> None:
+        seen: set[str] = set()
         for node in self.repo.load_tree(tree_id):
-            path = "/" + "/".join([*parts, node.name])
+            path = "/".join(["", *parts, str(node.name)])
             try:
                 safe_fs.check_name(node.name)
             except HozonError as exc:
                 self.warnings.append(f"{path!r}: {exc.message}")
                 continue
+            if node.name in seen:
+                # Only a crafted tree lists a name twice; the second entry would replace what the first
+                # made (a symlink by a directory, a file by a symlink), so it is refused, not merged.
+                self.warnings.append(f"{path!r}: refusing a second entry of the same name in one directory")
+                continue
+            seen.add(node.name)
             take, descend = self.wanted(path, node.type == DIR)
             if not take:
                 continue
             try:
                 self.create(node, [*parts, node.name], dir_fd, descend)
-            except OSError as exc:
-                self.warnings.append(f"{path}: {exc.strerror or exc}")
+            except _ENTRY_ERRORS as exc:
+                self.warnings.append(f"{path}: {_reason(exc)}")
 
     def create(self, node: Node, parts: list[str], dir_fd: int, descend: bool) -> None:
         name = parts[-1]
@@ -132,6 +150,8 @@ class _Restore:
             kind = {FIFO: stat.S_IFIFO, CHARDEV: stat.S_IFCHR, BLOCKDEV: stat.S_IFBLK}[node.type]
             safe_fs.create_node(dir_fd, name, kind | 0o600, node.rdev)
             self.apply_metadata(dir_fd, name, node)
+        elif node.type != SOCKET:  # a socket is recorded but cannot be restored: it is made by its server
+            raise ValueError(f"unknown entry type {node.type!r}")
 
     # -- pass 2: contents -----------------------------------------------------------------------
     def contents(self, pool: ThreadPoolExecutor) -> None:
@@ -139,7 +159,7 @@ class _Restore:
             for job in self.files:
                 yield job, None  # marks the start of a file
                 for chunk in job.node.content:
-                    yield job, pool.submit(self.repo.load_blob, bytes.fromhex(chunk))
+                    yield job, pool.submit(self._load_chunk, chunk)
 
         window: deque[tuple[_FileJob, Future[bytes] | None]] = deque()
         stream = chunk_stream()
@@ -161,12 +181,21 @@ class _Restore:
                     self.finish_file(current)
                 current = self.open_file(job)
                 continue
-            data = future.result()
-            if current is not None and current.fd >= 0:
+            if current is None or current.fd < 0:
+                continue  # the file could not be created, or an earlier chunk failed
+            try:
+                data = future.result()
                 current.write(data)
                 self.counters.bytes_written += len(data)
+            except (OSError, ValueError) as exc:  # a full target disk, or a damaged entry: this file only
+                self.warnings.append(f"/{'/'.join(current.job.parts)}: {_reason(exc)}; the file is incomplete")
+                os.close(current.fd)
+                current.fd = -1
         if current is not None:
             self.finish_file(current)
+
+    def _load_chunk(self, chunk: str) -> bytes:
+        return self.repo.load_blob(bytes.fromhex(chunk))
 
     def open_file(self, job: _FileJob) -> _FileWriter:
         try:
@@ -187,8 +216,8 @@ class _Restore:
         try:
             os.ftruncate(writer.fd, node.size)
             self.apply_metadata(None, writer.fd, node)
-        except OSError as exc:
-            self.warnings.append(f"/{'/'.join(writer.job.parts)}: {exc.strerror or exc}")
+        except _ENTRY_ERRORS as exc:
+            self.warnings.append(f"/{'/'.join(writer.job.parts)}: {_reason(exc)}")
         finally:
             os.close(writer.fd)
         self.counters.files += 1
@@ -215,8 +244,8 @@ class _Restore:
                 continue
             try:
                 self.apply_metadata(None, fd, node)
-            except OSError as exc:
-                self.warnings.append(f"/{'/'.join(parts)}: {exc.strerror or exc}")
+            except _ENTRY_ERRORS as exc:
+                self.warnings.append(f"/{'/'.join(parts)}: {_reason(exc)}")
             finally:
                 os.close(fd)
 
@@ -233,8 +262,8 @@ class _Restore:
             for attr, value in node.xattrs.items():
                 try:
                     os.setxattr(target, attr, base64.b64decode(value))
-                except OSError as exc:
-                    self.warnings.append(f"{node.name}: cannot set xattr {attr}: {exc.strerror}")
+                except (OSError, ValueError) as exc:
+                    self.warnings.append(f"{node.name}: cannot set xattr {attr!r}: {_reason(exc)}")
         if not link:
             os.chmod(target, node.mode, dir_fd=dir_fd)
         os.utime(target, ns=(node.mtime_ns, node.mtime_ns), dir_fd=dir_fd, follow_symlinks=not link)

@@ -17,8 +17,8 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def check_name(name: str) -> None:
-    if not name or name in (".", "..") or "/" in name or "\0" in name:
-        raise RestoreOutsideTarget(name)
+    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\0" in name:
+        raise RestoreOutsideTarget(name)  # not a str: only a damaged or hostile tree has such a name
 
 
 def _clear(dir_fd: int, name: str) -> None:
