@@ -12,6 +12,7 @@ from rich.text import Text
 from hozon.cli.common import JsonOption, RepoOption, console, err_console, human_bytes, open_repo, print_json
 from hozon.errors import HozonError
 from hozon.repo import browse
+from hozon.repo.imagemap import image_disks
 from hozon.repo.snapshots import Snapshot
 from hozon.repo.tree import DIR, SYMLINK
 
@@ -40,14 +41,18 @@ def snapshots(
 
 def _print_table(snaps: list[Snapshot]) -> None:
     table = Table(box=None, header_style="bold")
-    for col in ("ID", "Time", "Host", "Kind", "Tags", "Paths", "Size"):
+    for col in ("ID", "Time", "Host", "Kind", "Tags", "Paths / disks", "Size", "Read"):
         table.add_column(col)
     for s in snaps:
         when = datetime.fromisoformat(s.time).strftime("%Y-%m-%d %H:%M:%S")
         size = human_bytes(s.summary.get("total_bytes", 0))
+        read = human_bytes(s.summary.get("bytes_read", 0))
+        what = "\n".join(s.paths)
+        if s.tree is None:  # an image snapshot: the VM and its disks
+            disks = ", ".join(str(d.get("name")) for d in image_disks(s.extra))
+            what = f"{s.extra.get('vm')}: {disks}"
         # Text, not markup: a '[' in a tag or path is shown as it is (and '[/]' raised MarkupError).
-        table.add_row(s.short_id, when, Text(s.hostname), s.kind, Text(",".join(s.tags)), Text("\n".join(s.paths)),
-                      size)
+        table.add_row(s.short_id, when, Text(s.hostname), s.kind, Text(",".join(s.tags)), Text(what), size, read)
     console.print(table)
     console.print(f"{len(snaps)} snapshot(s)")
 

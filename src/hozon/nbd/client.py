@@ -1,19 +1,21 @@
-"""Hozon's NBD client: reads a disk, its allocation map and its dirty bitmaps from an NBD server.
+"""Hozon's NBD client: reads a disk, its allocation map and its dirty bitmaps from an NBD server,
+and writes one (restores).
 
 Why Hozon has its own client instead of depending on libnbd: the part of the protocol a backup
 needs (fixed newstyle handshake with NBD_OPT_GO, structured replies, metadata contexts, READ,
-BLOCK_STATUS, DISC) is small; pure Python needs no C library, no binding built for the right
-interpreter, and no package outside PyPI; and it costs no speed. A read's data is received with
-one system call straight into the bytes object handed to the caller, and a few requests in flight
-keep the server busy. Against qemu-nbd serving from the page cache (bench/nbd_read.py, 2 CPUs) it
-read 0.5–0.8 GB/s one request at a time and about 2 GB/s with 4 × 1 MiB in flight, on a par with
-``qemu-img convert`` copying the same export (1.8–2.7 GB/s).
+BLOCK_STATUS, DISC; and WRITE, WRITE_ZEROES, TRIM, FLUSH for restores) is small; pure Python
+needs no C library, no binding built for the right interpreter, and no package outside PyPI; and
+it costs no speed. A read's data is received with one system call straight into the bytes object
+handed to the caller, a write's payload is sent from the caller's buffer uncopied, and a few
+requests in flight keep the server busy. Against qemu-nbd serving from the page cache
+(bench/nbd_read.py, 2 CPUs) it read 0.5–0.8 GB/s one request at a time and about 2 GB/s with
+4 × 1 MiB in flight, on a par with ``qemu-img convert`` copying the same export (1.8–2.7 GB/s).
 
 The client is synchronous and not thread-safe: use one per thread (or per connection). Every
 socket operation has a timeout, and every malformed reply becomes an :class:`NbdError`; after a
 protocol error the connection is closed, because the byte stream can no longer be trusted. An
-error the server reports for one request (EIO, say) fails that request and leaves the connection
-usable.
+error the server reports for one request (EIO, say) fails that request with an
+:class:`NbdRequestError` and leaves the connection usable.
 """
 
 from __future__ import annotations
@@ -28,10 +30,30 @@ from typing import Final
 from hozon.errors import NbdError
 from hozon.nbd import protocol as p
 from hozon.nbd.handshake import negotiate
+from hozon.nbd.requests import Command, ReadGroup
 from hozon.nbd.transport import Transport, describe_os_error
 
 DEFAULT_TIMEOUT: Final = 30.0
 STATUS_DEPTH: Final = 8  # block status requests kept in flight while walking a disk
+
+Buffer = bytes | bytearray | memoryview
+
+_VERBS: Final = {
+    p.CMD_READ: "read",
+    p.CMD_BLOCK_STATUS: "report block status of",
+    p.CMD_WRITE: "write",
+    p.CMD_WRITE_ZEROES: "write zeroes to",
+    p.CMD_TRIM: "trim",
+    p.CMD_FLUSH: "flush",
+}
+
+
+class NbdRequestError(NbdError):
+    """The server failed one request; ``code`` is the NBD error number it sent (28 is ENOSPC)."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass(frozen=True)
@@ -43,68 +65,8 @@ class Extent:
     zero: bool
 
 
-class _Command:
-    """One request on the wire and what its reply has delivered so far."""
-
-    __slots__ = (
-        "data",
-        "done",
-        "error",
-        "group",
-        "kind",
-        "length",
-        "offset",
-        "pieces",
-        "received",
-        "status",
-        "view",
-    )
-
-    def __init__(self, kind: int, offset: int, length: int, view: memoryview | None = None) -> None:
-        self.kind = kind
-        self.offset = offset
-        self.length = length
-        # A read's bytes land in ``view`` (view[0] is the byte at ``offset``), which is allocated
-        # only when needed: a reply that is one data chunk is received straight into ``data``.
-        self.view = view
-        self.data: bytes | None = None
-        self.received = 0
-        self.pieces: list[tuple[int, int]] = []  # (start, length) of content chunks, for multi-chunk replies
-        self.status: dict[int, list[tuple[int, int]]] = {}
-        self.error: tuple[int, str] | None = None
-        self.done = False
-        self.group: _ReadGroup | None = None
-
-
-class _ReadGroup:
-    """One caller-level read: a single command, or several sharing ``buffer``; done with its last."""
-
-    __slots__ = ("buffer", "command", "length", "offset", "skip")
-
-    def __init__(self, offset: int, length: int, skip: int, buffer: bytearray | None) -> None:
-        self.offset = offset
-        self.length = length
-        self.skip = skip  # bytes read before ``offset`` only to honour the minimum block size
-        self.buffer = buffer
-        self.command: _Command | None = None
-
-    def result(self) -> bytes:
-        raw: bytes | memoryview
-        if self.buffer is not None:
-            raw = memoryview(self.buffer)
-        elif self.command is not None and self.command.data is not None:
-            raw = self.command.data
-        elif self.command is not None and self.command.view is not None:
-            raw = self.command.view
-        else:
-            return b""
-        if isinstance(raw, bytes) and self.skip == 0 and len(raw) == self.length:
-            return raw  # the common case: the bytes as received, never copied
-        return bytes(raw[self.skip : self.skip + self.length])
-
-
 class NbdClient:
-    """A connection to one NBD export, read-only.
+    """A connection to one NBD export: reads, and writes unless the server exports it read-only.
 
     Open it with :meth:`connect_unix` or :meth:`connect_tcp` (or hand a connected socket to the
     constructor) and close it with :meth:`close` or a ``with`` block. ``meta_contexts`` names the
@@ -136,7 +98,7 @@ class NbdClient:
         self._context_names = {context_id: name for name, context_id in self._contexts.items()}
         self._header = bytearray(p.STRUCTURED_REPLY.size)
         self._header_view = memoryview(self._header)
-        self._inflight: dict[int, _Command] = {}
+        self._inflight: dict[int, Command] = {}
         self._next_handle = 1
         maximum = min(self.block_size.maximum, p.MAX_REQUEST_DEFAULT)
         self.max_request = max(maximum - maximum % self.block_size.minimum, self.block_size.minimum)
@@ -234,7 +196,7 @@ class NbdClient:
         stays usable.
         """
 
-        def commands() -> Iterator[_Command]:
+        def commands() -> Iterator[Command]:
             for offset, length in requests:
                 self._check_range(offset, length)
                 yield from self._plan_read(offset, length)[1]
@@ -244,24 +206,121 @@ class NbdClient:
             if group is not None:
                 yield group.offset, group.result()
 
-    def _plan_read(self, offset: int, length: int) -> tuple[_ReadGroup, list[_Command]]:
+    def _plan_read(self, offset: int, length: int) -> tuple[ReadGroup, list[Command]]:
         """The commands reading ``offset``..``+length`` (widened to the minimum block size)."""
         start, end = self._align(offset, offset + length) if length else (offset, offset)
         if end - start <= self.max_request:
-            group = _ReadGroup(offset, length, offset - start, None)
-            command = group.command = _Command(p.CMD_READ, start, end - start)
+            group = ReadGroup(offset, length, offset - start, None)
+            command = group.command = Command(p.CMD_READ, start, end - start)
             command.done = start == end  # a zero-length read sends nothing but keeps its place in order
             command.group = group
             return group, [command]
         buffer = bytearray(end - start)
         view = memoryview(buffer)
-        group = _ReadGroup(offset, length, offset - start, buffer)
+        group = ReadGroup(offset, length, offset - start, buffer)
         commands = []
         for pos in range(start, end, self.max_request):
             size = min(self.max_request, end - pos)
-            commands.append(_Command(p.CMD_READ, pos, size, view[pos - start : pos - start + size]))
+            commands.append(Command(p.CMD_READ, pos, size, view[pos - start : pos - start + size]))
         commands[-1].group = group
         return group, commands
+
+    # -- writing -------------------------------------------------------------------------------
+
+    def write(self, offset: int, data: Buffer, depth: int = 4) -> None:
+        """Write ``data`` at ``offset``; a write beyond the server's maximum goes out in pieces, in flight."""
+        self.write_many(((offset, data),), depth)
+
+    def write_many(self, writes: Iterable[tuple[int, Buffer]], depth: int = 4) -> int:
+        """Write each ``(offset, data)`` in turn, keeping up to ``depth`` requests in flight.
+
+        ``writes`` is read lazily, so a producer (a restore fetching chunks) works while the server
+        writes. The first error reply raises :class:`NbdRequestError` as soon as it arrives, and
+        nothing more is sent; the requests already in flight are waited out, so the connection
+        stays usable. Returns the number of bytes written. Writes must start and end on the
+        server's minimum block size (or at the end of the export).
+        """
+        self._writable()
+        written = 0
+
+        def commands() -> Iterator[Command]:
+            for offset, data in writes:
+                view = memoryview(data)
+                if view.ndim != 1 or view.itemsize != 1:
+                    view = view.cast("B")
+                yield from self._plan_ranged(p.CMD_WRITE, offset, len(view), 0, view)
+
+        for command in self._pipeline(commands(), depth, fail_fast=True):
+            written += command.length
+        return written
+
+    def write_zeroes(self, offset: int, length: int, punch_hole: bool = True, depth: int = 4) -> None:
+        """Make ``offset``..``+length`` read as zeroes (NBD_CMD_WRITE_ZEROES).
+
+        With ``punch_hole`` the server may deallocate the range (a thin image stays thin); without
+        it (NBD_CMD_FLAG_NO_HOLE) the zeroes are allocated. A server that does not offer the
+        command gets ordinary writes of zero bytes instead.
+        """
+        self._writable()
+        self._check_range(offset, length)
+        if not self.transmission_flags & p.TFLAG_SEND_WRITE_ZEROES:
+            zeroes = memoryview(bytes(min(length, self.max_request)))
+            pieces = ((pos, zeroes[: min(len(zeroes), offset + length - pos)])
+                      for pos in range(offset, offset + length, len(zeroes) or 1))
+            self.write_many(pieces, depth)
+            return
+        flags = 0 if punch_hole else p.CMD_FLAG_NO_HOLE
+        for _ in self._pipeline(self._plan_ranged(p.CMD_WRITE_ZEROES, offset, length, flags), depth, True):
+            pass
+
+    def trim(self, offset: int, length: int, depth: int = 4) -> None:
+        """Tell the server ``offset``..``+length`` is no longer needed (NBD_CMD_TRIM).
+
+        Trim is advisory: its contents are undefined afterwards, and a server that does not offer
+        it is not asked (nothing happens).
+        """
+        self._writable()
+        if not self.transmission_flags & p.TFLAG_SEND_TRIM:
+            return
+        for _ in self._pipeline(self._plan_ranged(p.CMD_TRIM, offset, length), depth, True):
+            pass
+
+    def flush(self) -> None:
+        """Wait until every completed write is on stable storage (NBD_CMD_FLUSH).
+
+        A server that does not offer flush has no volatile cache to flush, so nothing is sent.
+        """
+        self._writable()
+        if self.transmission_flags & p.TFLAG_SEND_FLUSH:
+            self._execute(Command(p.CMD_FLUSH, 0, 0))
+
+    @property
+    def can_write_zeroes(self) -> bool:
+        return bool(self.transmission_flags & p.TFLAG_SEND_WRITE_ZEROES)
+
+    def _writable(self) -> None:
+        self._wire.usable()
+        if self.read_only:
+            raise NbdError(
+                f"{self._where} exports {self.export or 'its disk'!r} read-only, so it cannot be written",
+                hint="serve the image without --read-only (qemu-nbd) or read-only=off",
+            )
+
+    def _plan_ranged(
+        self, kind: int, offset: int, length: int, flags: int = 0, payload: memoryview | None = None
+    ) -> Iterator[Command]:
+        """The commands covering ``offset``..``+length``, each within the server's maximum."""
+        self._check_range(offset, length)
+        minimum = self.block_size.minimum
+        end = offset + length
+        if minimum > 1 and (offset % minimum or (end % minimum and end != self.size)):
+            raise ValueError(
+                f"range {offset}+{length} is not aligned to the server's minimum block size {minimum}"
+            )
+        for pos in range(offset, end, self.max_request):
+            size = min(self.max_request, end - pos)
+            piece = None if payload is None else payload[pos - offset : pos - offset + size]
+            yield Command(kind, pos, size, flags=flags, payload=piece)
 
     # -- block status --------------------------------------------------------------------------
 
@@ -284,7 +343,7 @@ class NbdClient:
             window_end = command.offset + command.length
             pos = self._take_status(command, context_id, pos, window_end, runs)
             while pos < window_end:  # the server described only part of the window: ask again
-                follow_up = _Command(p.CMD_BLOCK_STATUS, *self._status_window(pos, window_end))
+                follow_up = Command(p.CMD_BLOCK_STATUS, *self._status_window(pos, window_end))
                 before = pos
                 pos = self._take_status(self._execute(follow_up), context_id, pos, window_end, runs)
                 if pos == before:
@@ -347,12 +406,12 @@ class NbdClient:
         start = pos - pos % self.block_size.minimum
         return start, min(self.max_request, end - start)
 
-    def _status_commands(self, start: int, end: int) -> Iterator[_Command]:
+    def _status_commands(self, start: int, end: int) -> Iterator[Command]:
         for pos in range(start, end, self.max_request):
-            yield _Command(p.CMD_BLOCK_STATUS, pos, min(self.max_request, end - pos))
+            yield Command(p.CMD_BLOCK_STATUS, pos, min(self.max_request, end - pos))
 
     def _take_status(
-        self, command: _Command, context_id: int, pos: int, end: int, runs: list[tuple[int, int, int]]
+        self, command: Command, context_id: int, pos: int, end: int, runs: list[tuple[int, int, int]]
     ) -> int:
         """Append the runs of ``command``'s reply beyond ``pos`` (up to ``end``); the new ``pos``."""
         pairs = command.status.get(context_id)
@@ -373,11 +432,15 @@ class NbdClient:
 
     # -- requests in flight --------------------------------------------------------------------
 
-    def _pipeline(self, commands: Iterable[_Command], depth: int) -> Iterator[_Command]:
-        """Send ``commands`` keeping up to ``depth`` in flight; yield each, completed, in order."""
+    def _pipeline(self, commands: Iterable[Command], depth: int, fail_fast: bool = False) -> Iterator[Command]:
+        """Send ``commands`` keeping up to ``depth`` in flight; yield each, completed, in order.
+
+        With ``fail_fast`` an error reply to any command in flight raises as soon as it is seen,
+        before anything more is sent (writes: nothing is written after a failed write is known).
+        """
         if depth < 1:
             raise ValueError("depth must be at least 1")
-        window: deque[_Command] = deque()
+        window: deque[Command] = deque()
         source = iter(commands)
         more = True
         try:
@@ -394,20 +457,24 @@ class NbdClient:
                 head = window[0]
                 while not head.done:
                     self._receive()
+                if fail_fast:
+                    for command in window:
+                        if command.done and command.error is not None:
+                            self._check_reply(command)
                 window.popleft()
                 self._check_reply(head)
                 yield head
         finally:
             self._settle(window)
 
-    def _execute(self, command: _Command) -> _Command:
+    def _execute(self, command: Command) -> Command:
         self._submit(command)
         while not command.done:
             self._receive()
         self._check_reply(command)
         return command
 
-    def _settle(self, commands: Iterable[_Command]) -> None:
+    def _settle(self, commands: Iterable[Command]) -> None:
         """Wait out the replies of ``commands`` (abandoned by the caller) so the stream stays in step."""
         try:
             for command in commands:
@@ -416,29 +483,44 @@ class NbdClient:
         except NbdError:
             pass  # the connection is marked broken; the caller's own error is the one to report
 
-    def _submit(self, command: _Command) -> None:
+    def _submit(self, command: Command) -> None:
         self._wire.usable()
         if command.done:
             return
         handle = self._take_handle()
         self._inflight[handle] = command
-        self._wire.send(p.encode_request(command.kind, handle, command.offset, command.length))
+        header = p.encode_request(command.kind, handle, command.offset, command.length, command.flags)
+        if command.payload is None:
+            self._wire.send(header)
+            return
+        try:
+            self._wire.send(header)
+            self._wire.send(command.payload)
+        except NbdError:
+            raise
+        except BaseException:
+            # Interrupted between the header and the end of its payload: the stream is out of step.
+            self._fail(f"connection to the {self._where} was interrupted in the middle of a request")
+            raise
 
     def _take_handle(self) -> int:
         handle = self._next_handle
         self._next_handle = handle + 1 if handle < 0xFFFF_FFFF_FFFF_FFFF else 1
         return handle
 
-    def _check_reply(self, command: _Command) -> None:
+    def _check_reply(self, command: Command) -> None:
         if command.error is None:
             return
         code, message = command.error
-        what = "read" if command.kind == p.CMD_READ else "report block status of"
-        text = f"{self._where} failed to {what} {command.length} bytes at offset {command.offset}: "
+        if command.kind == p.CMD_FLUSH:
+            text = f"{self._where} failed to flush: "
+        else:
+            what = _VERBS.get(command.kind, f"run command {command.kind} on")
+            text = f"{self._where} failed to {what} {command.length} bytes at offset {command.offset}: "
         text += p.describe_errno(code) + (f": {message}" if message else "")
         if code == 108:  # ESHUTDOWN: the protocol asks the client to disconnect
             self.close()
-        raise NbdError(text)
+        raise NbdRequestError(text, code)
 
     # -- replies -------------------------------------------------------------------------------
 
@@ -466,17 +548,19 @@ class NbdClient:
             self._fail(f"connection to the {self._where} was interrupted in the middle of a reply")
             raise
 
-    def _command(self, handle: int) -> _Command:
+    def _command(self, handle: int) -> Command:
         command = self._inflight.get(handle)
         if command is None:
             raise self._fail(f"{self._where} sent a reply for unknown handle {handle}")
         return command
 
-    def _simple_reply(self, command: _Command, error: int, handle: int) -> None:
+    def _simple_reply(self, command: Command, error: int, handle: int) -> None:
         if error:
             command.error = (error, "")
-        elif command.kind != p.CMD_READ or self.structured_replies:
+        elif command.kind == p.CMD_BLOCK_STATUS or (command.kind == p.CMD_READ and self.structured_replies):
             raise self._fail(f"{self._where} sent a simple reply where a structured one was required")
+        elif command.kind != p.CMD_READ:
+            pass  # a write, write zeroes, trim or flush succeeded: no payload (legal with structured replies)
         elif command.view is None:
             command.data = self._wire.recv_bytes(command.length)
             command.received = command.length
@@ -486,7 +570,7 @@ class NbdClient:
         del self._inflight[handle]
         command.done = True
 
-    def _chunk(self, command: _Command, flags: int, kind: int, handle: int, length: int) -> None:
+    def _chunk(self, command: Command, flags: int, kind: int, handle: int, length: int) -> None:
         if kind == p.REPLY_TYPE_OFFSET_DATA and command.kind == p.CMD_READ:
             if not 8 < length <= 8 + command.length:
                 raise self._fail(f"{self._where} sent a data chunk of bad length {length}")
@@ -537,12 +621,12 @@ class NbdClient:
                 self._check_coverage(command)
 
     @staticmethod
-    def _read_view(command: _Command) -> memoryview:
+    def _read_view(command: Command) -> memoryview:
         if command.view is None:
             command.view = memoryview(bytearray(command.length))
         return command.view
 
-    def _content_start(self, command: _Command, offset: int, size: int) -> int:
+    def _content_start(self, command: Command, offset: int, size: int) -> int:
         """Where a content chunk for ``offset``..``+size`` lands in ``command``'s buffer, checked."""
         start = offset - command.offset
         if size <= 0 or start < 0 or start + size > command.length:
@@ -557,7 +641,7 @@ class NbdClient:
             command.pieces.append((start, size))
         return start
 
-    def _check_coverage(self, command: _Command) -> None:
+    def _check_coverage(self, command: Command) -> None:
         covered = 0
         for start, size in sorted(command.pieces):
             if start != covered:

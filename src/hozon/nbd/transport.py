@@ -58,7 +58,7 @@ class Transport:
             raise NbdError(f"the connection to the {self.where} is closed")
         return self.sock
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: bytes | bytearray | memoryview) -> None:
         sock = self._socket()
         try:
             sock.sendall(data)

@@ -24,6 +24,7 @@ import numpy.typing as npt
 
 from hozon.crypto import content_name
 from hozon.errors import CorruptData, HozonError
+from hozon.repo.imagemap import decode_map, image_disks, map_ids, zero_mask
 from hozon.repo.index import IndexFile
 from hozon.repo.pack import pack_key, read_header
 from hozon.repo.repository import Repository
@@ -307,9 +308,7 @@ class _Check:
     # -- walking snapshots ----------------------------------------------------------------------
     def _check_snapshot(self, snap: Snapshot) -> None:
         if snap.tree is None:
-            chunks = snap.extra.get("chunks")
-            if isinstance(chunks, list):
-                self._check_chunk_list(snap, chunks)
+            self._check_image(snap)
             return
         first = self._open_tree(snap, snap.tree, "")
         if not isinstance(first, _Frame):
@@ -370,11 +369,15 @@ class _Check:
 
     def _content_ok(self, snap: Snapshot, path: str, content: list[str]) -> bool:
         try:
-            rows = self.index.positions(_ids(content))
+            ids = _ids(content)
         except ValueError:
             self._snapshot_error(snap, f"{path} names an invalid chunk id")
             self._affect(snap, path, _UNPARSABLE)
             return False
+        return self._ids_ok(snap, path, ids)
+
+    def _ids_ok(self, snap: Snapshot, path: str, ids: npt.NDArray[np.uint8]) -> bool:
+        rows = self.index.positions(ids)
         missing = rows < 0
         bad = missing.copy()
         bad[~missing] = self.bad_row[rows[~missing]]
@@ -386,14 +389,29 @@ class _Check:
             self._affect(snap, path, int(number))
         return False
 
-    def _check_chunk_list(self, snap: Snapshot, chunks: list[object]) -> None:
-        label = f"({snap.kind} data)"
-        if not all(isinstance(c, str) for c in chunks):
-            self._snapshot_error(snap, "its chunk list is malformed")
-            return
-        hex_ids = [c for c in chunks if isinstance(c, str)]
-        for start in range(0, len(hex_ids), CHUNK_BATCH):
-            self._content_ok(snap, label, hex_ids[start : start + CHUNK_BATCH])
+    def _check_image(self, snap: Snapshot) -> None:
+        """Disk images: every map blob, and every non-zero chunk each map names."""
+        for disk in image_disks(snap.extra):
+            path = f"disk {disk.get('name', '?')}"
+            try:
+                maps = map_ids(disk)
+            except (ValueError, TypeError):
+                self._snapshot_error(snap, f"{path} has a malformed list of map blobs")
+                self._affect(snap, path, _UNPARSABLE)
+                continue
+            if not maps or not self._ids_ok(snap, path, np.frombuffer(b"".join(maps), np.uint8).reshape(-1, 32)):
+                if not maps:
+                    self._snapshot_error(snap, f"{path} lists no map blob")
+                continue
+            for map_id in maps:
+                try:
+                    ids = decode_map(self.repo.load_blob(map_id), f"map blob {map_id.hex()[:16]}")
+                except CorruptData as exc:
+                    self._snapshot_error(snap, f"{path}: {exc.message}")
+                    continue
+                live = ids[~zero_mask(ids)]
+                for start in range(0, len(live), CHUNK_BATCH):
+                    self._ids_ok(snap, path, live[start : start + CHUNK_BATCH])
 
     def _affect(self, snap: Snapshot, path: str, cause: int) -> None:
         d = self.damage.setdefault(snap.id, _Damage())

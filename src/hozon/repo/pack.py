@@ -16,7 +16,8 @@ from hozon.errors import CorruptData
 
 DATA = 0
 TREE = 1
-BLOB_TYPES = {DATA: "data", TREE: "tree"}
+MAP = 2  # a disk image's chunk ids (see repo/imagemap.py)
+BLOB_TYPES = {DATA: "data", TREE: "tree", MAP: "map"}
 
 _ENTRY = struct.Struct("<B32sII")
 HEADER_AAD = b"pack-header"

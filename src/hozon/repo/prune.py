@@ -17,7 +17,7 @@ Plan (read only):
     the snapshot was written, so a referenced blob missing from the index means damage, and prune
     stops before changing anything ("run hozon check").
  2. Walk every snapshot's trees (each tree once) and mark used rows in a bool mask aligned with the
-    index rows (1 byte per blob). Image snapshots (``tree`` None) list chunk ids in ``extra["chunks"]``.
+    index rows (1 byte per blob). Image snapshots (``tree`` None) name map blobs of chunk ids (``repo/imagemap.py``).
  3. Per pack, with its used bytes: live and unused → condemn; live and used below the repack threshold
     → repack (copy the used sealed blobs as they are into new packs, then condemn the old pack);
     otherwise keep. Condemned earlier: any blob used → resurrect (live again); else delete when the
@@ -59,6 +59,7 @@ import numpy.typing as npt
 
 from hozon.errors import CorruptData, HozonError
 from hozon.repo.backends.local import TMP_DIR, LocalBackend
+from hozon.repo.imagemap import decode_map, image_disks, map_ids, zero_mask
 from hozon.repo.index import IndexFile, PackRecord
 from hozon.repo.locks import LockInfo, list_locks
 from hozon.repo.pack import PackBuilder, pack_key
@@ -292,9 +293,21 @@ def _used_rows(repo: Repository, snapshots: Iterable[Snapshot]) -> npt.NDArray[n
 
     for snap in snapshots:
         pending: list[bytes] = []
-        if snap.tree is None:
-            pending.extend(bytes.fromhex(c) for c in snap.extra.get("chunks", []))
-            mark(snap, pending)
+        if snap.tree is None:  # disk images: map blobs and the chunks they name
+            for disk in image_disks(snap.extra):
+                maps = map_ids(disk)
+                mark(snap, list(maps))
+                for map_id in maps:
+                    try:
+                        ids = decode_map(repo.load_blob(map_id), f"map blob {map_id.hex()[:16]}")
+                    except CorruptData as exc:
+                        raise _damaged(f"snapshot {snap.short_id}: {exc.message}") from exc
+                    live = ids[~zero_mask(ids)]
+                    rows = index.positions(live)
+                    if (rows < 0).any():
+                        raise _damaged(f"snapshot {snap.short_id} references chunks of disk {disk.get('name')} "
+                                       "that are in no index")
+                    used[rows] = True
             continue
         stack = [snap.tree]
         while stack:

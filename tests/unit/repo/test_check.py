@@ -5,13 +5,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from hozon.repo import pack as pack_module
 from hozon.repo.backends.local import LocalBackend
 from hozon.repo.check import CheckResult, check_repository
+from hozon.repo.imagemap import ZERO_ID, encode_map
 from hozon.repo.index import IndexFile
-from hozon.repo.pack import DATA, TREE, pack_key
+from hozon.repo.pack import DATA, MAP, TREE, pack_key
 from hozon.repo.repository import Repository
 from hozon.repo.snapshots import Snapshot, now_iso
 from hozon.repo.tree import DIR, FILE, Node, encode_tree
@@ -192,16 +194,24 @@ def test_unreferenced_packs_are_a_note_not_an_error(repo: Repository) -> None:
     assert result.notes == ("1 unreferenced pack(s), left by an interrupted backup; `hozon prune` removes them",)
 
 
-def test_snapshots_without_a_tree_are_checked_through_their_chunk_list(repo: Repository) -> None:
+def image_snapshot(repo: Repository, chunk_ids: list[bytes]) -> Snapshot:
+    """A VM snapshot whose one disk's map names ``chunk_ids`` (ZERO_ID for zero chunks)."""
+    ids = np.frombuffer(b"".join(chunk_ids), np.uint8).reshape(-1, 32)
     with BlobWriter(repo) as w:
-        stored = w.store(b"disk block" * 100, DATA).hex()
-    ghost = os.urandom(32).hex()
-    good = save_snapshot(repo, None, chunks=[stored, stored])
-    bad = save_snapshot(repo, None, chunks=[stored, ghost])
-    save_snapshot(repo, None, disks=["something else"])  # no chunk list: nothing to check yet
+        map_id = w.store(encode_map(ids), MAP).hex()
+    disk = {"name": "vda", "size": len(chunk_ids) << 20, "chunk_size": 1 << 20, "maps": [map_id]}
+    return save_snapshot(repo, None, vm="web", disks=[disk])
+
+
+def test_image_snapshots_are_checked_through_their_disk_maps(repo: Repository) -> None:
+    with BlobWriter(repo) as w:
+        stored = w.store(b"disk block" * 100, DATA)
+    good = image_snapshot(repo, [stored, ZERO_ID, stored])
+    bad = image_snapshot(repo, [stored, os.urandom(32)])
     result = check(repo, read_data=True)
     assert set(affected_paths(result)) == {bad.id}
     assert good.id not in affected_paths(result)
+    assert affected_paths(result)[bad.id] == ["disk vda"]
 
 
 def test_a_very_deep_tree_is_walked_without_recursion(repo: Repository) -> None:

@@ -1,0 +1,133 @@
+"""hozon vm …: image-level backups of whole VMs from the hypervisor host."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import typer
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from hozon.backup.image import ImageBackupOptions, backup_vm
+from hozon.cli.common import (
+    JsonOption,
+    RepoOption,
+    console,
+    err_console,
+    human_bytes,
+    interactive,
+    locked_repo,
+    open_repo,
+    print_json,
+)
+from hozon.errors import HozonError, UsageError
+from hozon.repo.imagemap import image_disks
+from hozon.repo.locks import SHARED
+from hozon.restore.image import restore_image
+
+vm_app = typer.Typer(help="Back up and restore whole VMs (image level).", no_args_is_help=True)
+
+
+def _bar() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
+                    console=err_console, transient=True)
+
+
+@vm_app.command("backup")
+def vm_backup(
+    qmp: str = typer.Option(None, "--qmp", help="QEMU's QMP unix socket (give QEMU a second -qmp for Hozon)."),
+    name: str = typer.Option(None, "--name", help="How the VM is called in the repository (default: QEMU's -name)."),
+    mode: str = typer.Option("auto", "--mode", help="auto (incremental when the chain allows), full, incremental."),
+    vm_config: str = typer.Option(None, "--vm-config", help="File with the VM's QEMU command line, kept with it."),
+    tag: list[str] = typer.Option([], "--tag", help="Tag the snapshot (repeatable)."),
+    scratch: str = typer.Option(None, "--scratch", help="Directory for QEMU's point-in-time scratch images."),
+    repo: str | None = RepoOption,
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Back up every disk of a running VM at one instant; incremental through dirty bitmaps."""
+    if not qmp:
+        raise UsageError("say which VM to back up", hint="hozon vm backup --qmp SOCKET")
+    options = ImageBackupOptions(qmp=qmp, name=name, mode=mode, vm_config=vm_config, tags=tag, scratch_dir=scratch)
+    with locked_repo(repo, SHARED, "vm backup") as repository:
+        if interactive() and not json_out:
+            with _bar() as bar:
+                task = bar.add_task("reading disks", total=None)
+                result = backup_vm(repository, options, lambda done, total: bar.update(task, completed=done,
+                                                                                       total=total))
+        else:
+            result = backup_vm(repository, options)
+    snap = result.snapshot
+    if json_out:
+        print_json({"snapshot": snap.listing(), "notes": result.notes})
+        return
+    for note in result.notes:
+        err_console.print(f"note: {note}", markup=False, soft_wrap=True)
+    for d in image_disks(snap.extra):
+        console.print(f"disk {d['name']}: {d['mode']}, {human_bytes(d['bytes_read'])} read of "
+                      f"{human_bytes(d['size'])} ({human_bytes(d['zero_bytes'])} zero, not stored)", markup=False)
+    s = snap.summary
+    console.print(f"added to the repository: {human_bytes(s['data_added'])} ({human_bytes(s['data_added_stored'])} "
+                  f"stored) in {s['duration_s']:.1f} s; VM I/O paused {s['pause_ms']} ms", markup=False)
+    console.print(f"snapshot {snap.short_id} of VM {snap.extra['vm']} saved", markup=False)
+
+
+@vm_app.command("restore")
+def vm_restore(
+    snapshot: str = typer.Argument(..., help="Snapshot id, prefix, or 'latest:VM'."),
+    to: str = typer.Option(..., "--to", help="Directory (one image per disk) or, with --disk, a file or device."),
+    disk: str = typer.Option(None, "--disk", help="Restore only this disk."),
+    fmt: str = typer.Option(None, "--format", help="qcow2 (default in a directory) or raw."),
+    repo: str | None = RepoOption,
+) -> None:
+    """Restore a VM snapshot's disks as thin images; any snapshot restores on its own."""
+    if fmt not in (None, "qcow2", "raw"):
+        raise UsageError(f"unknown image format {fmt!r}; use qcow2 or raw")
+    with locked_repo(repo, SHARED, "vm restore") as repository:
+        snap = repository.resolve_snapshot(snapshot)
+        if snap.tree is not None:
+            raise HozonError(f"snapshot {snap.short_id} is a file snapshot", hint="use: hozon restore")
+        if interactive():
+            with _bar() as bar:
+                task = bar.add_task("restoring", total=None)
+                disks = restore_image(repository, snap, to, disk, fmt,
+                                      lambda done, total: bar.update(task, completed=done, total=total))
+        else:
+            disks = restore_image(repository, snap, to, disk, fmt)
+    for d in disks:
+        console.print(f"disk {d.name} → {d.path} ({d.format}, {human_bytes(d.size)}, "
+                      f"{human_bytes(d.bytes_written)} written, {human_bytes(d.zero_bytes)} left unallocated)",
+                      markup=False)
+    console.print(f"restored snapshot {snap.short_id} of VM {snap.extra.get('vm')}", markup=False)
+
+
+@vm_app.command("ls")
+def vm_ls(repo: str | None = RepoOption, json_out: bool = JsonOption) -> None:
+    """List the VMs in the repository and their image snapshots."""
+    repository = open_repo(repo, load_index=False)
+    snaps, _damaged = repository.readable_snapshots()
+    vms: dict[str, list[dict[str, Any]]] = {}
+    for s in snaps:
+        if s.tree is None and s.extra.get("vm"):
+            disks = image_disks(s.extra)
+            vms.setdefault(str(s.extra["vm"]), []).append({
+                "id": s.id, "short_id": s.short_id, "time": s.time, "kind": s.kind,
+                "disks": [{"name": d.get("name"), "size": d.get("size"), "mode": d.get("mode"),
+                           "bytes_read": d.get("bytes_read")} for d in disks],
+            })
+    if json_out:
+        print_json(vms)
+        return
+    if not vms:
+        console.print("no VM snapshots")
+    for vm, entries in sorted(vms.items()):
+        table = Table(title=f"VM {vm}", box=None, header_style="bold", title_justify="left")
+        for col in ("ID", "Time", "Kind", "Disks", "Read"):
+            table.add_column(col)
+        for e in entries:
+            disks = e["disks"]
+            when = datetime.fromisoformat(str(e["time"])).strftime("%Y-%m-%d %H:%M:%S")
+            names = ", ".join(f"{d['name']} {human_bytes(d['size'] or 0)} ({d['mode']})" for d in disks)
+            read = human_bytes(sum(d["bytes_read"] or 0 for d in disks))
+            table.add_row(str(e["short_id"]), when, str(e["kind"]), names, read)
+        console.print(table)
