@@ -150,55 +150,50 @@ def _chain_break(repo: Repository, qmp: QmpClient, disk: Disk, old: dict[str, An
 
 
 class _DiskReader:
-    """Reads one exported disk and stores its chunks; produces the disk's chunk id map."""
+    """Reads one disk through a connected NBD client and stores its chunks; gives its chunk id map."""
 
-    def __init__(self, writer: BlobWriter, export: DiskExport, plan: DiskPlan,
+    def __init__(self, writer: BlobWriter, client: NbdClient, plan: DiskPlan, dirty_bitmap: str | None,
                  progress: Callable[[int], None]) -> None:
         self.writer = writer
-        self.export = export
+        self.client = client
         self.plan = plan
+        self.dirty_bitmap = dirty_bitmap  # the exported change map (incremental), or None
         self.progress = progress
         self.bytes_read = 0
 
-    def chunks_to_read(self, client: NbdClient) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.bool_]]:
+    def chunks_to_read(self) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.bool_]]:
         """(chunk indices to read, chunks that are all zero according to the allocation map)."""
-        size = self.plan.disk.size
-        count = -(-size // CHUNK_SIZE)
+        count = -(-self.plan.disk.size // CHUNK_SIZE)
         has_data = np.zeros(count, bool)
-        for extent in client.allocation():
+        for extent in self.client.allocation():
             if not extent.zero:
                 has_data[extent.offset // CHUNK_SIZE : -(-(extent.offset + extent.length) // CHUNK_SIZE)] = True
-        context = self.export.dirty_context
-        if self.plan.since is None or context is None:
+        if self.plan.since is None or self.dirty_bitmap is None:
             return np.flatnonzero(has_data), ~has_data
         changed = np.zeros(count, bool)
-        for offset, length in client.dirty_extents(context.removeprefix("qemu:dirty-bitmap:")):
+        for offset, length in self.client.dirty_extents(self.dirty_bitmap):
             changed[offset // CHUNK_SIZE : -(-(offset + length) // CHUNK_SIZE)] = True
         return np.flatnonzero(changed & has_data), changed & ~has_data
 
     def run(self) -> npt.NDArray[np.uint8]:
         disk = self.plan.disk
+        if self.client.size != disk.size:
+            raise HozonError(f"disk {disk.name} is exported with {self.client.size} bytes, not {disk.size}")
         count = -(-disk.size // CHUNK_SIZE)
-        contexts = ["base:allocation"]
-        if self.export.dirty_context:
-            contexts.append(self.export.dirty_context)
-        with NbdClient.connect_unix(self.export.socket, export=self.export.export, meta_contexts=contexts) as client:
-            if client.size != disk.size:
-                raise HozonError(f"disk {disk.name} is exported with {client.size} bytes, not {disk.size}")
-            ids = np.zeros((count, 32), np.uint8)
-            if self.plan.parent_ids is not None:
-                ids[:] = self.plan.parent_ids[:count]
-            to_read, zeros = self.chunks_to_read(client)
-            ids[zeros] = 0
-            futures: list[tuple[int, Future[bytes | None]]] = []
-            requests = ((int(i) * CHUNK_SIZE, min(CHUNK_SIZE, disk.size - int(i) * CHUNK_SIZE)) for i in to_read)
-            for offset, data in client.read_many(requests, depth=READ_DEPTH):
-                self.bytes_read += len(data)
-                futures.append((offset // CHUNK_SIZE, self.writer.run(_store_unless_zero, self.writer, data)))
-                self.progress(len(data))
-                if len(futures) > 64:
-                    self._settle(futures, ids)
-            self._settle(futures, ids)
+        ids = np.zeros((count, 32), np.uint8)
+        if self.plan.parent_ids is not None:
+            ids[:] = self.plan.parent_ids[:count]
+        to_read, zeros = self.chunks_to_read()
+        ids[zeros] = 0
+        futures: list[tuple[int, Future[bytes | None]]] = []
+        requests = ((int(i) * CHUNK_SIZE, min(CHUNK_SIZE, disk.size - int(i) * CHUNK_SIZE)) for i in to_read)
+        for offset, data in self.client.read_many(requests, depth=READ_DEPTH):
+            self.bytes_read += len(data)
+            futures.append((offset // CHUNK_SIZE, self.writer.run(_store_unless_zero, self.writer, data)))
+            self.progress(len(data))
+            if len(futures) > 64:
+                self._settle(futures, ids)
+        self._settle(futures, ids)
         return ids
 
     @staticmethod
@@ -207,6 +202,17 @@ class _DiskReader:
             blob_id = future.result()
             ids[index] = np.frombuffer(blob_id or ZERO_ID, np.uint8)
         futures.clear()
+
+
+def _read_export(writer: BlobWriter, export: DiskExport, plan: DiskPlan,
+                 progress: Callable[[int], None]) -> tuple[npt.NDArray[np.uint8], int]:
+    contexts = ["base:allocation"]
+    if export.dirty_context:
+        contexts.append(export.dirty_context)
+    with NbdClient.connect_unix(export.socket, export=export.export, meta_contexts=contexts) as client:
+        bitmap = export.dirty_context.removeprefix("qemu:dirty-bitmap:") if export.dirty_context else None
+        reader = _DiskReader(writer, client, plan, bitmap, progress)
+        return reader.run(), reader.bytes_read
 
 
 _ZEROS = bytes(CHUNK_SIZE)
@@ -256,10 +262,9 @@ def backup_vm(repo: Repository, options: ImageBackupOptions,
             point = PointInTime(qmp, disks, Path(workdir), new_bitmap, since)
             with point as exports, BlobWriter(repo) as writer:
                 for plan in plans:
-                    reader = _DiskReader(writer, exports[plan.disk.name], plan, advance)
-                    ids = reader.run()
+                    ids, bytes_read = _read_export(writer, exports[plan.disk.name], plan, advance)
                     maps = [writer.store_blob(encode_map(part), MAP).hex() for part in split_maps(ids)]
-                    disk_docs.append(_disk_doc(plan, ids, maps, new_bitmap, reader.bytes_read))
+                    disk_docs.append(_disk_doc(plan, ids, maps, new_bitmap, bytes_read))
                 writer.close()
                 snapshot = _snapshot(name, options, parent, disk_docs, qmp, vm_config, point.pause_seconds,
                                      writer, started)
