@@ -176,3 +176,19 @@ def test_mode_full_reads_everything_again(hozon: Hozon, qemu_vm: QemuVmFactory, 
     assert disk_modes(result) == {"vda": "full"}
     assert result["snapshot"]["summary"]["bytes_read"] == 2 * MiB
     assert result["snapshot"]["summary"]["data_added"] == 0  # deduplicated against the first
+
+
+def test_images_of_a_shut_off_vm_are_backed_up_and_a_running_one_is_refused(
+        hozon: Hozon, qemu_vm: QemuVmFactory, tmp_path: Path) -> None:
+    vm = qemu_vm(disks=[("vda", "16M")])
+    Model(vm, {"vda": 16 * MiB}).write("vda", 2 * MiB, MiB, 0x61)
+    running = hozon("vm", "backup", "--image", str(vm.disks["vda"].path), "--name", "off1", check=False)
+    assert running.returncode == 1 and "Traceback" not in running.stderr
+    assert "--qmp" in running.stderr  # the hint says how to back up a running VM
+    vm.stop()
+    result = json.loads(hozon("vm", "backup", "--image", str(vm.disks["vda"].path), "--name", "off1",
+                              "--json").stdout)
+    assert disk_modes(result) == {"vda": "full"} and result["snapshot"]["extra"]["source"] == "image"
+    expected = bytearray(16 * MiB)
+    expected[2 * MiB : 3 * MiB] = b"\x61" * MiB
+    assert_restores(hozon, tmp_path, result["snapshot"]["id"], {"vda": bytes(expected)})

@@ -12,7 +12,9 @@ checks every way the chain can break and falls back to a full read, saying why i
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -27,6 +29,7 @@ import numpy.typing as npt
 from hozon import __version__
 from hozon.errors import HozonError, UsageError
 from hozon.nbd import NbdClient
+from hozon.nbd.qemu_nbd import QemuNbd
 from hozon.repo.imagemap import ZERO_ID, decode_map, encode_map, image_disks, map_ids, split_maps, zero_mask
 from hozon.repo.pack import DATA, MAP
 from hozon.repo.repository import Repository
@@ -266,14 +269,74 @@ def backup_vm(repo: Repository, options: ImageBackupOptions,
                     maps = [writer.store_blob(encode_map(part), MAP).hex() for part in split_maps(ids)]
                     disk_docs.append(_disk_doc(plan, ids, maps, new_bitmap, bytes_read))
                 writer.close()
-                snapshot = _snapshot(name, options, parent, disk_docs, qmp, vm_config, point.pause_seconds,
-                                     writer, started)
+                snapshot = _snapshot(name, options, parent, disk_docs, str(qmp.version), vm_config,
+                                     point.pause_seconds, writer, started, source="qmp")
                 repo.save_snapshot(snapshot)
                 point.commit()
     return ImageBackupResult(snapshot, notes)
 
 
-def _disk_doc(plan: DiskPlan, ids: npt.NDArray[np.uint8], maps: list[str], bitmap: str,
+def backup_images(repo: Repository, images: list[str], options: ImageBackupOptions,
+                  progress: ProgressCallback | None = None) -> ImageBackupResult:
+    """Back up the disk image files of a shut-off VM (qcow2, raw, …), each read fully.
+
+    With the VM off there is no running QEMU to track changes; reading is full, but deduplication
+    stores only what changed since the last snapshot.
+    """
+    if not options.name:
+        raise UsageError("say how the VM is called in the repository", hint="add --name NAME")
+    vm_config = Path(options.vm_config).read_text() if options.vm_config else None
+    started = time.monotonic()
+    disks = [image_disk(path) for path in images]
+    names = [d.name for d in disks]
+    if len(set(names)) != len(names):
+        raise UsageError("two images would get the same disk name; give files with different names")
+    history = vm_snapshots(repo, options.name)
+    parent = history[-1] if history else None
+    plans = [DiskPlan(d, None, "the images of a shut-off VM are read fully") for d in disks]
+    total = sum(d.size for d in disks)
+    done = 0
+
+    def advance(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress is not None:
+            progress(done, total)
+
+    disk_docs: list[dict[str, Any]] = []
+    with BlobWriter(repo) as writer:
+        for plan in plans:
+            disk = plan.disk
+            with QemuNbd(disk.filename, disk.format, read_only=True, meta_contexts=("base:allocation",)) as client:
+                reader = _DiskReader(writer, client, plan, None, advance)
+                ids = reader.run()
+            maps = [writer.store_blob(encode_map(part), MAP).hex() for part in split_maps(ids)]
+            disk_docs.append(_disk_doc(plan, ids, maps, None, reader.bytes_read))
+        writer.close()
+        snapshot = _snapshot(options.name, options, parent, disk_docs, None, vm_config, 0.0, writer, started,
+                             source="image")
+        repo.save_snapshot(snapshot)
+    return ImageBackupResult(snapshot, [])
+
+
+def image_disk(path: str) -> Disk:
+    """A disk image file as a Disk: named after the file (vda.qcow2 → vda), format and size from qemu-img."""
+    try:
+        out = subprocess.run(["qemu-img", "info", "--output=json", path], capture_output=True, text=True,
+                             timeout=60)
+    except FileNotFoundError as exc:
+        raise HozonError("qemu-img is not installed", hint="install the Debian package qemu-utils") from exc
+    if out.returncode != 0:
+        last = (out.stderr.strip().splitlines() or ["unknown error"])[-1]
+        raise HozonError(f"cannot open disk image {path}: {last}",
+                         hint="if the VM is running, back it up with --qmp or --libvirt instead")
+    info = json.loads(out.stdout)
+    name = os.path.basename(path).split(".")[0] or "disk"
+    return Disk(name=name, node="", filename=os.path.abspath(path), format=str(info["format"]),
+                size=int(info["virtual-size"]))
+
+
+def _disk_doc(plan: DiskPlan, ids: npt.NDArray[np.uint8], maps: list[str], bitmap: str | None,
               bytes_read: int) -> dict[str, Any]:
     disk = plan.disk
     zero_chunks = int(zero_mask(ids).sum())
@@ -286,8 +349,8 @@ def _disk_doc(plan: DiskPlan, ids: npt.NDArray[np.uint8], maps: list[str], bitma
 
 
 def _snapshot(name: str, options: ImageBackupOptions, parent: Snapshot | None, disks: list[dict[str, Any]],
-              qmp: QmpClient, vm_config: str | None, pause: float, writer: BlobWriter,
-              started: float) -> Snapshot:
+              qemu_version: str | None, vm_config: str | None, pause: float, writer: BlobWriter,
+              started: float, source: str) -> Snapshot:
     read = sum(d["bytes_read"] for d in disks)
     size = sum(d["size"] for d in disks)
     return Snapshot(
@@ -301,7 +364,7 @@ def _snapshot(name: str, options: ImageBackupOptions, parent: Snapshot | None, d
             "duration_s": round(time.monotonic() - started, 3),
         },
         extra={
-            "vm": name, "disks": disks, "qemu_version": str(qmp.version), "vm_config": vm_config,
-            "consistency": "crash", "source": "qmp",
+            "vm": name, "disks": disks, "qemu_version": qemu_version, "vm_config": vm_config,
+            "consistency": "crash" if source == "qmp" else "shut off", "source": source,
         },
     )

@@ -9,7 +9,7 @@ import typer
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from hozon.backup.image import ImageBackupOptions, backup_vm
+from hozon.backup.image import ImageBackupOptions, ImageBackupResult, ProgressCallback, backup_images, backup_vm
 from hozon.cli.common import (
     JsonOption,
     RepoOption,
@@ -37,6 +37,7 @@ def _bar() -> Progress:
 @vm_app.command("backup")
 def vm_backup(
     qmp: str = typer.Option(None, "--qmp", help="QEMU's QMP unix socket (give QEMU a second -qmp for Hozon)."),
+    image: list[str] = typer.Option([], "--image", help="Disk image of a shut-off VM (repeatable; needs --name)."),
     name: str = typer.Option(None, "--name", help="How the VM is called in the repository (default: QEMU's -name)."),
     mode: str = typer.Option("auto", "--mode", help="auto (incremental when the chain allows), full, incremental."),
     vm_config: str = typer.Option(None, "--vm-config", help="File with the VM's QEMU command line, kept with it."),
@@ -46,17 +47,23 @@ def vm_backup(
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Back up every disk of a running VM at one instant; incremental through dirty bitmaps."""
-    if not qmp:
-        raise UsageError("say which VM to back up", hint="hozon vm backup --qmp SOCKET")
-    options = ImageBackupOptions(qmp=qmp, name=name, mode=mode, vm_config=vm_config, tags=tag, scratch_dir=scratch)
+    if bool(qmp) == bool(image):
+        raise UsageError("say which VM to back up: a running one or the images of a shut-off one",
+                         hint="hozon vm backup --qmp SOCKET, or --image FILE … --name NAME")
+    options = ImageBackupOptions(qmp=qmp or "", name=name, mode=mode, vm_config=vm_config, tags=tag,
+                                 scratch_dir=scratch)
     with locked_repo(repo, SHARED, "vm backup") as repository:
+        def run(progress: ProgressCallback | None) -> ImageBackupResult:
+            if image:
+                return backup_images(repository, image, options, progress)
+            return backup_vm(repository, options, progress)
+
         if interactive() and not json_out:
             with _bar() as bar:
                 task = bar.add_task("reading disks", total=None)
-                result = backup_vm(repository, options, lambda done, total: bar.update(task, completed=done,
-                                                                                       total=total))
+                result = run(lambda done, total: bar.update(task, completed=done, total=total))
         else:
-            result = backup_vm(repository, options)
+            result = run(None)
     snap = result.snapshot
     if json_out:
         print_json({"snapshot": snap.listing(), "notes": result.notes})
@@ -67,8 +74,9 @@ def vm_backup(
         console.print(f"disk {d['name']}: {d['mode']}, {human_bytes(d['bytes_read'])} read of "
                       f"{human_bytes(d['size'])} ({human_bytes(d['zero_bytes'])} zero, not stored)", markup=False)
     s = snap.summary
+    paused = f"; VM I/O paused {s['pause_ms']} ms" if snap.extra.get("source") != "image" else ""
     console.print(f"added to the repository: {human_bytes(s['data_added'])} ({human_bytes(s['data_added_stored'])} "
-                  f"stored) in {s['duration_s']:.1f} s; VM I/O paused {s['pause_ms']} ms", markup=False)
+                  f"stored) in {s['duration_s']:.1f} s{paused}", markup=False)
     console.print(f"snapshot {snap.short_id} of VM {snap.extra['vm']} saved", markup=False)
 
 
@@ -95,9 +103,9 @@ def vm_restore(
         else:
             disks = restore_image(repository, snap, to, disk, fmt)
     for d in disks:
+        zeros = "zeros written" if d.path.startswith("/dev/") else "left unallocated"
         console.print(f"disk {d.name} → {d.path} ({d.format}, {human_bytes(d.size)}, "
-                      f"{human_bytes(d.bytes_written)} written, {human_bytes(d.zero_bytes)} left unallocated)",
-                      markup=False)
+                      f"{human_bytes(d.bytes_written)} written, {human_bytes(d.zero_bytes)} {zeros})", markup=False)
     console.print(f"restored snapshot {snap.short_id} of VM {snap.extra.get('vm')}", markup=False)
 
 

@@ -34,11 +34,13 @@ EXIT_TIMEOUT: Final = 30.0  # closing a large qcow2 writes its metadata out
 class QemuNbd:
     """``qemu-nbd`` serving ``image`` (format ``fmt``) for the duration of a ``with`` block."""
 
-    def __init__(self, image: str, fmt: str = "qcow2", read_only: bool = False, cache: str = "writeback") -> None:
+    def __init__(self, image: str, fmt: str = "qcow2", read_only: bool = False, cache: str = "writeback",
+                 meta_contexts: tuple[str, ...] = ()) -> None:
         self.image = os.path.abspath(image)  # absolute: QEMU never reads it as an option or a protocol
         self.fmt = fmt
         self.read_only = read_only
         self.cache = cache
+        self.meta_contexts = meta_contexts  # e.g. ("base:allocation",) to read the image's zero map
         self.sockdir = ""
         self.proc: subprocess.Popen[bytes] | None = None
         self.client: NbdClient | None = None
@@ -84,7 +86,7 @@ class QemuNbd:
                 raise HozonError(f"qemu-nbd could not serve {self.image}: {self._said()}")
             if os.path.exists(self._sock):
                 try:
-                    return NbdClient.connect_unix(self._sock, meta_contexts=())
+                    return NbdClient.connect_unix(self._sock, meta_contexts=self.meta_contexts)
                 except NbdError:  # the socket exists a moment before qemu-nbd listens on it
                     if time.monotonic() > deadline:
                         raise
