@@ -152,6 +152,20 @@ def _chain_break(repo: Repository, qmp: QmpClient, disk: Disk, old: dict[str, An
     return ""
 
 
+class _Progress:
+    """Bytes read so far across all disks, passed on to the caller's callback."""
+
+    def __init__(self, total: int, callback: ProgressCallback | None) -> None:
+        self.total = total
+        self.done = 0
+        self.callback = callback
+
+    def __call__(self, n: int) -> None:
+        self.done += n
+        if self.callback is not None:
+            self.callback(self.done, self.total)
+
+
 class _DiskReader:
     """Reads one disk through a connected NBD client and stores its chunks; gives its chunk id map."""
 
@@ -251,15 +265,7 @@ def backup_vm(repo: Repository, options: ImageBackupOptions,
         new_bitmap = bitmap_prefix(repo) + os.urandom(4).hex()
         since = {p.disk.name: p.since for p in plans if p.since}
         scratch = options.scratch_dir or tempfile.gettempdir()
-        total = sum(p.disk.size for p in plans)
-        done = 0
-
-        def advance(n: int) -> None:
-            nonlocal done
-            done += n
-            if progress is not None:
-                progress(done, total)
-
+        advance = _Progress(sum(p.disk.size for p in plans), progress)
         disk_docs: list[dict[str, Any]] = []
         with tempfile.TemporaryDirectory(prefix="hozon-", dir=scratch) as workdir:
             point = PointInTime(qmp, disks, Path(workdir), new_bitmap, since)
@@ -294,15 +300,7 @@ def backup_images(repo: Repository, images: list[str], options: ImageBackupOptio
     history = vm_snapshots(repo, options.name)
     parent = history[-1] if history else None
     plans = [DiskPlan(d, None, "the images of a shut-off VM are read fully") for d in disks]
-    total = sum(d.size for d in disks)
-    done = 0
-
-    def advance(n: int) -> None:
-        nonlocal done
-        done += n
-        if progress is not None:
-            progress(done, total)
-
+    advance = _Progress(sum(d.size for d in disks), progress)
     disk_docs: list[dict[str, Any]] = []
     with BlobWriter(repo) as writer:
         for plan in plans:
