@@ -3,7 +3,7 @@
 Built once per machine and cached (``~/.cache/hozon-test-guest/KEY/``, or ``$HOZON_TEST_GUEST_CACHE``),
 keyed by the package versions and the init script below. The packages are fetched with
 ``apt-get download`` (no install, so it works on any Debian 12 with a reachable mirror) and only the
-files needed are taken out of them: the kernel image, six virtio modules (decompressed when the
+files needed are taken out of them: the kernel image, seven virtio modules (decompressed when the
 package ships them as ``.ko.xz``/``.ko.zst``/``.ko.gz``) and the static busybox.
 
 The initramfs's ``/init`` mounts proc, sys and devtmpfs, loads the virtio modules, prints
@@ -43,7 +43,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-MODULES = ("virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_pci_legacy_dev", "virtio_pci", "virtio_blk")
+MODULES = ("virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_pci_legacy_dev", "virtio_pci", "virtio_blk",
+           "virtio_console")  # virtio_console: virtio-serial ports (/dev/vport*p*), e.g. the guest agent's
 READY_MARKER = "HOZON-GUEST-READY"
 EXIT_MARKER = "HOZON-GUEST-EXIT"
 KERNEL_META_PACKAGE = "linux-image-amd64"

@@ -28,8 +28,8 @@ def _libc() -> ctypes.CDLL | None:
 def tune_for_large_buffers() -> None:
     libc = _libc()
     if libc is not None:
-        libc.mallopt(_M_MMAP_THRESHOLD, 256 * 1024 * 1024)
-        libc.mallopt(_M_TRIM_THRESHOLD, 512 * 1024 * 1024)
+        libc.mallopt(_M_MMAP_THRESHOLD, 32 * 1024 * 1024)
+        libc.mallopt(_M_TRIM_THRESHOLD, 64 * 1024 * 1024)
 
 
 def release_free_memory() -> None:

@@ -16,8 +16,10 @@ a test keeps that table honest). Anything else that escapes is a bug and is show
     ├── BackendError                exit 1   the storage failed in another way
     ├── RestoreOutsideTarget        exit 1   a stored name tries to escape the restore target
     ├── NbdError                    exit 1   an NBD server misbehaved, refused or failed a request
-    └── QmpError                    exit 1   QEMU's monitor (QMP) could not be reached, misbehaved or went away
-        └── QmpCommandError         exit 1   QEMU ran a QMP command and reported an error
+    ├── QmpError                    exit 1   QEMU's monitor (QMP) could not be reached, misbehaved or went away
+    │   └── QmpCommandError         exit 1   QEMU ran a QMP command and reported an error
+    └── GuestAgentError             exit 1   the guest agent could not be reached, was silent or misbehaved
+        └── GuestAgentCommandError  exit 1   the guest agent ran a command and reported an error
 """
 
 from __future__ import annotations
@@ -116,6 +118,20 @@ class QmpCommandError(QmpError):
 
     def __init__(self, command: str, error_class: str, desc: str) -> None:
         super().__init__(f"QMP command {command} failed with {error_class}: {desc}")
+        self.command = command
+        self.error_class = error_class
+        self.desc = desc
+
+
+class GuestAgentError(HozonError):
+    """The guest agent (qemu-ga) could not be reached, did not answer in time, or misbehaved."""
+
+
+class GuestAgentCommandError(GuestAgentError):
+    """The guest agent ran a command and answered with an error; ``error_class`` and ``desc`` are its words."""
+
+    def __init__(self, command: str, error_class: str, desc: str) -> None:
+        super().__init__(f"guest agent command {command} failed with {error_class}: {desc}")
         self.command = command
         self.error_class = error_class
         self.desc = desc

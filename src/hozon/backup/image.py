@@ -21,7 +21,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -32,16 +32,29 @@ from hozon.nbd import NbdClient
 from hozon.nbd.qemu_nbd import QemuNbd
 from hozon.repo.imagemap import ZERO_ID, decode_map, encode_map, image_disks, map_ids, split_maps, zero_mask
 from hozon.repo.pack import DATA, MAP
+from hozon.repo.recover import adopt_orphan_packs
 from hozon.repo.repository import Repository
 from hozon.repo.snapshots import Snapshot, now_iso, this_host
 from hozon.repo.writer import BlobWriter
 from hozon.sources.qemu import QmpClient
 from hozon.sources.qemu.disks import Disk, bitmaps, list_disks
 from hozon.sources.qemu.fleece import DiskExport, PointInTime, cleanup_leftovers
+from hozon.sources.qemu.guest_agent import FREEZE_TIMEOUT, GuestQuiesce
 
 CHUNK_SIZE = 1024 * 1024  # fixed, aligned to disk offsets: a changed block maps to one chunk
 READ_DEPTH = 4
 ProgressCallback = Callable[[int, int], None]  # bytes done, bytes to read
+
+
+class MonitorSource(Protocol):
+    """Reaches a running VM's monitor another way than a QMP socket (``hozon.sources.libvirt``)."""
+
+    kind: str  # recorded as the snapshot's extra["source"]
+
+    def connect(self) -> QmpClient: ...  # a session; backup_vm closes it
+    def disks(self, qmp: QmpClient) -> list[Disk]: ...  # list_disks, named as the source names them
+    def share_scratch(self, workdir: Path) -> None: ...  # let QEMU create and open files in workdir
+    def snapshot_extra(self) -> dict[str, Any]: ...  # added to the snapshot's extra (domain_xml, …)
 
 
 @dataclass
@@ -52,6 +65,9 @@ class ImageBackupOptions:
     vm_config: str | None = None  # a file holding the QEMU command line
     tags: list[str] = field(default_factory=list)
     scratch_dir: str | None = None
+    source: MonitorSource | None = None  # instead of qmp
+    guest_agent: str | None = None  # the guest agent's unix socket: file systems frozen for the instant
+    freeze_timeout: float = FREEZE_TIMEOUT
 
 
 @dataclass
@@ -249,34 +265,46 @@ def backup_vm(repo: Repository, options: ImageBackupOptions,
         raise UsageError(f"unknown mode {options.mode!r}; use auto, full or incremental")
     vm_config = Path(options.vm_config).read_text() if options.vm_config else None
     started = time.monotonic()
-    with QmpClient.connect(options.qmp) as qmp:
+    adopt_orphan_packs(repo)  # chunks a killed or failed backup stored are reused, not stored again
+    source = options.source
+    with source.connect() if source else QmpClient.connect(options.qmp) as qmp:
         name = _vm_name(qmp, options)
-        disks = list_disks(qmp)
+        disks = source.disks(qmp) if source else list_disks(qmp)
         if not disks:
             raise HozonError(f"VM {name} has no writable disk to back up")
         history = vm_snapshots(repo, name)
         parent = history[-1] if history else None
         plans = plan_disks(repo, qmp, disks, parent, options.mode)
         notes = [f"disk {p.disk.name}: full read: {p.reason}" for p in plans
-                 if p.since is None and parent is not None]
+                 if p.since is None and (parent is not None or options.mode == "incremental")]
         keep = {p.since for p in plans if p.since}
         for leftover in cleanup_leftovers(qmp, bitmap_prefix(repo), keep=keep):
             notes.append(f"removed what an interrupted backup left in QEMU: {leftover}")
         new_bitmap = bitmap_prefix(repo) + os.urandom(4).hex()
         since = {p.disk.name: p.since for p in plans if p.since}
-        scratch = options.scratch_dir or tempfile.gettempdir()
+        scratch = os.path.abspath(options.scratch_dir or tempfile.gettempdir())  # QEMU resolves paths itself
         advance = _Progress(sum(p.disk.size for p in plans), progress)
         disk_docs: list[dict[str, Any]] = []
         with tempfile.TemporaryDirectory(prefix="hozon-", dir=scratch) as workdir:
-            point = PointInTime(qmp, disks, Path(workdir), new_bitmap, since)
+            if source:
+                source.share_scratch(Path(workdir))
+            quiesce = (GuestQuiesce.through_agent(options.guest_agent, options.freeze_timeout)
+                       if options.guest_agent else None)
+            point = PointInTime(qmp, disks, Path(workdir), new_bitmap, since, quiesce=quiesce)
             with point as exports, BlobWriter(repo) as writer:
+                notes += quiesce.notes if quiesce else []
                 for plan in plans:
                     ids, bytes_read = _read_export(writer, exports[plan.disk.name], plan, advance)
                     maps = [writer.store_blob(encode_map(part), MAP).hex() for part in split_maps(ids)]
                     disk_docs.append(_disk_doc(plan, ids, maps, new_bitmap, bytes_read))
                 writer.close()
                 snapshot = _snapshot(name, options, parent, disk_docs, str(qmp.version), vm_config,
-                                     point.pause_seconds, writer, started, source="qmp")
+                                     point.pause_seconds, writer, started, source=source.kind if source else "qmp",
+                                     source_extra=source.snapshot_extra() if source else None)
+                if quiesce is not None:
+                    snapshot.extra.update(consistency=quiesce.consistency,
+                                          frozen_filesystems=quiesce.frozen_filesystems)
+                    snapshot.summary["frozen_ms"] = round(quiesce.frozen_seconds * 1000, 1)
                 repo.save_snapshot(snapshot)
                 point.commit()
     return ImageBackupResult(snapshot, notes)
@@ -294,6 +322,7 @@ def backup_images(repo: Repository, images: list[str], options: ImageBackupOptio
     vm_config = Path(options.vm_config).read_text() if options.vm_config else None
     started = time.monotonic()
     disks = [image_disk(path) for path in images]
+    adopt_orphan_packs(repo)  # chunks a killed or failed backup stored are reused, not stored again
     names = [d.name for d in disks]
     if len(set(names)) != len(names):
         raise UsageError("two images would get the same disk name; give files with different names")
@@ -348,7 +377,7 @@ def _disk_doc(plan: DiskPlan, ids: npt.NDArray[np.uint8], maps: list[str], bitma
 
 def _snapshot(name: str, options: ImageBackupOptions, parent: Snapshot | None, disks: list[dict[str, Any]],
               qemu_version: str | None, vm_config: str | None, pause: float, writer: BlobWriter,
-              started: float, source: str) -> Snapshot:
+              started: float, source: str, source_extra: dict[str, Any] | None = None) -> Snapshot:
     read = sum(d["bytes_read"] for d in disks)
     size = sum(d["size"] for d in disks)
     return Snapshot(
@@ -363,6 +392,7 @@ def _snapshot(name: str, options: ImageBackupOptions, parent: Snapshot | None, d
         },
         extra={
             "vm": name, "disks": disks, "qemu_version": qemu_version, "vm_config": vm_config,
-            "consistency": "crash" if source == "qmp" else "shut off", "source": source,
+            "consistency": "shut off" if source == "image" else "crash", "source": source,
+            **(source_extra or {}),
         },
     )

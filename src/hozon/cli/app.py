@@ -51,6 +51,8 @@ def main() -> None:
         err_console.print(Text.assemble(("hozon: error:", "red"), " ", exc.message), soft_wrap=True)
         if exc.hint:
             err_console.print(f"hint: {exc.hint}", markup=False, soft_wrap=True)
+        for note in getattr(exc, "__notes__", []):  # e.g. a guest left frozen while the backup failed
+            err_console.print(f"note: {note}", markup=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         err_console.print("hozon: interrupted; nothing was committed by the interrupted step")

@@ -25,6 +25,7 @@ from hozon.errors import HozonError, UsageError
 from hozon.repo.imagemap import image_disks
 from hozon.repo.locks import SHARED
 from hozon.restore.image import restore_image
+from hozon.sources.libvirt import LibvirtSource, RestoredDisk, check_name_free, define_copy, saved_definition
 
 vm_app = typer.Typer(help="Back up and restore whole VMs (image level).", no_args_is_help=True)
 
@@ -38,20 +39,30 @@ def _bar() -> Progress:
 def vm_backup(
     qmp: str = typer.Option(None, "--qmp", help="QEMU's QMP unix socket (give QEMU a second -qmp for Hozon)."),
     image: list[str] = typer.Option([], "--image", help="Disk image of a shut-off VM (repeatable; needs --name)."),
+    libvirt: str = typer.Option(None, "--libvirt", help="A running libvirt domain (name, id or UUID)."),
+    connect: str = typer.Option(None, "--connect", help="libvirt URI for --libvirt (default: virsh's)."),
     name: str = typer.Option(None, "--name", help="How the VM is called in the repository (default: QEMU's -name)."),
     mode: str = typer.Option("auto", "--mode", help="auto (incremental when the chain allows), full, incremental."),
     vm_config: str = typer.Option(None, "--vm-config", help="File with the VM's QEMU command line, kept with it."),
     tag: list[str] = typer.Option([], "--tag", help="Tag the snapshot (repeatable)."),
     scratch: str = typer.Option(None, "--scratch", help="Directory for QEMU's point-in-time scratch images."),
+    guest_agent: str = typer.Option(None, "--guest-agent", metavar="SOCKET",
+                                    help="The guest agent's unix socket (QEMU -chardev socket,…): freeze the guest's "
+                                         "file systems for the instant (application-consistent)."),
     repo: str | None = RepoOption,
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Back up every disk of a running VM at one instant; incremental through dirty bitmaps."""
-    if bool(qmp) == bool(image):
+    if [bool(qmp), bool(image), bool(libvirt)].count(True) != 1:
         raise UsageError("say which VM to back up: a running one or the images of a shut-off one",
-                         hint="hozon vm backup --qmp SOCKET, or --image FILE … --name NAME")
+                         hint="hozon vm backup --qmp SOCKET, --libvirt DOMAIN, or --image FILE … --name NAME")
+    if connect and not libvirt:
+        raise UsageError("--connect is for --libvirt DOMAIN")
+    if guest_agent and image:
+        raise UsageError("--guest-agent is for a running VM; the images of a shut-off one need no freeze")
     options = ImageBackupOptions(qmp=qmp or "", name=name, mode=mode, vm_config=vm_config, tags=tag,
-                                 scratch_dir=scratch)
+                                 scratch_dir=scratch, source=LibvirtSource(libvirt, connect) if libvirt else None,
+                                 guest_agent=guest_agent)
     with locked_repo(repo, SHARED, "vm backup") as repository:
         def run(progress: ProgressCallback | None) -> ImageBackupResult:
             if image:
@@ -75,6 +86,9 @@ def vm_backup(
                       f"{human_bytes(d['size'])} ({human_bytes(d['zero_bytes'])} zero, not stored)", markup=False)
     s = snap.summary
     paused = f"; VM I/O paused {s['pause_ms']} ms" if snap.extra.get("source") != "image" else ""
+    if "frozen_ms" in s:  # --guest-agent
+        paused += (f"; guest file systems frozen {s['frozen_ms']} ms" if snap.extra["consistency"] == "application"
+                   else "; crash-consistent (not frozen)")
     console.print(f"added to the repository: {human_bytes(s['data_added'])} ({human_bytes(s['data_added_stored'])} "
                   f"stored) in {s['duration_s']:.1f} s{paused}", markup=False)
     console.print(f"snapshot {snap.short_id} of VM {snap.extra['vm']} saved", markup=False)
@@ -86,15 +100,25 @@ def vm_restore(
     to: str = typer.Option(..., "--to", help="Directory (one image per disk) or, with --disk, a file or device."),
     disk: str = typer.Option(None, "--disk", help="Restore only this disk."),
     fmt: str = typer.Option(None, "--format", help="qcow2 (default in a directory) or raw."),
+    libvirt_define: str = typer.Option(None, "--libvirt-define",
+                                       help="Define the restored VM in libvirt under this name (new UUID and MACs)."),
+    connect: str = typer.Option(None, "--connect", help="libvirt URI for --libvirt-define (default: virsh's)."),
     repo: str | None = RepoOption,
 ) -> None:
     """Restore a VM snapshot's disks as thin images; any snapshot restores on its own."""
     if fmt not in (None, "qcow2", "raw"):
         raise UsageError(f"unknown image format {fmt!r}; use qcow2 or raw")
+    if libvirt_define and disk:
+        raise UsageError("--libvirt-define defines the whole VM; it cannot go with --disk")
+    if connect and not libvirt_define:
+        raise UsageError("--connect is for --libvirt-define NAME")
     with locked_repo(repo, SHARED, "vm restore") as repository:
         snap = repository.resolve_snapshot(snapshot)
         if snap.tree is not None:
             raise HozonError(f"snapshot {snap.short_id} is a file snapshot", hint="use: hozon restore")
+        domain_xml = saved_definition(snap.extra, snap.short_id) if libvirt_define else ""
+        if libvirt_define:
+            check_name_free(libvirt_define, connect)
         if interactive():
             with _bar() as bar:
                 task = bar.add_task("restoring", total=None)
@@ -107,6 +131,13 @@ def vm_restore(
         console.print(f"disk {d.name} → {d.path} ({d.format}, {human_bytes(d.size)}, "
                       f"{human_bytes(d.bytes_written)} written, {human_bytes(d.zero_bytes)} {zeros})", markup=False)
     console.print(f"restored snapshot {snap.short_id} of VM {snap.extra.get('vm')}", markup=False)
+    if libvirt_define:
+        defined = define_copy(domain_xml, libvirt_define, [RestoredDisk(d.name, d.path, d.format) for d in disks],
+                              connect)
+        for note in defined.notes:
+            err_console.print(f"note: {note}", markup=False, soft_wrap=True)
+        console.print(f"defined libvirt domain {defined.name} (UUID {defined.uuid}) on the restored images",
+                      markup=False)
 
 
 @vm_app.command("ls")

@@ -60,7 +60,7 @@ class BlobWriter:
         self._lock = threading.Lock()
         self._in_flight: set[bytes] = set()
         self._builder = PackBuilder(repo.cipher)
-        self._uploads: queue.Queue[object] = queue.Queue(maxsize=2)
+        self._uploads: queue.Queue[object] = queue.Queue(maxsize=1)
         self._pending_records: list[PackRecord] = []
         self._error: BaseException | None = None
         self._uploader = threading.Thread(target=self._upload_loop, name="hozon-upload", daemon=True)

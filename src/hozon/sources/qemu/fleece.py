@@ -45,6 +45,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -95,10 +96,14 @@ class PointInTime:
     up is listed in :attr:`cleanup_failures` (and added as a note to that exception), and
     :func:`cleanup_leftovers` can remove it later. ``pause_seconds`` is how long the one
     ``transaction`` took: the VM's I/O is quiesced only inside it.
+
+    ``quiesce``, a context manager, is entered right before that transaction and left right after
+    it, also when it fails: ``GuestQuiesce`` (guest_agent.py) freezes the guest's file systems there.
     """
 
     def __init__(self, qmp: QmpClient, disks: Sequence[Disk], scratch_dir: Path,
-                 new_bitmap: str, since: Mapping[str, str] | None = None) -> None:
+                 new_bitmap: str, since: Mapping[str, str] | None = None,
+                 quiesce: AbstractContextManager[object] | None = None) -> None:
         names = [d.name for d in disks]
         if not disks:
             raise ValueError("PointInTime needs at least one disk")
@@ -117,6 +122,7 @@ class PointInTime:
         self.new_bitmap = new_bitmap
         self.since = since
         self.pause_seconds = 0.0
+        self.quiesce = quiesce
         self.cleanup_failures: list[str] = []
         self._frozen = f"{new_bitmap}-frozen"
         self._names = {d.name: _fleece_names(d.name) for d in self.disks}
@@ -184,17 +190,18 @@ class PointInTime:
                 {"type": "blockdev-backup",
                  "data": {"job-id": fleece, "device": disk.node, "target": fleece, "sync": "none"}},
             ]
-        start = time.monotonic()
-        try:
-            self.qmp.transaction(actions)
-        except QmpCommandError:
-            raise  # QEMU refused it: nothing of it happened
-        except BaseException:
-            self._instant = "unknown"
-            raise
-        finally:
-            self.pause_seconds = time.monotonic() - start
-        self._instant = "done"
+        with self.quiesce if self.quiesce is not None else contextlib.nullcontext():
+            start = time.monotonic()
+            try:
+                self.qmp.transaction(actions)
+            except QmpCommandError:
+                raise  # QEMU refused it: nothing of it happened
+            except BaseException:
+                self._instant = "unknown"
+                raise
+            finally:
+                self.pause_seconds = time.monotonic() - start
+            self._instant = "done"
 
         socket_path = self._socket_path()
         try:
