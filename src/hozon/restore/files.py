@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import base64
 import fnmatch
+import grp
 import os
+import pwd
 import stat
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from hozon.errors import HozonError
 from hozon.repo.repository import Repository
@@ -83,6 +87,8 @@ class _Restore:
         self.links: dict[tuple[int, int], list[str]] = {}
         self.hardlinks: list[tuple[list[str], list[str]]] = []
         self.root_fd = -1
+        self._open_dir: tuple[tuple[str, ...], int] | None = None
+        self._count_lock = threading.Lock()
         self._as_root = os.geteuid() == 0
         self._last_progress = 0.0
 
@@ -155,8 +161,52 @@ class _Restore:
 
     # -- pass 2: contents -----------------------------------------------------------------------
     def contents(self, pool: ThreadPoolExecutor) -> None:
+        """Files of one chunk are restored whole on the workers, many at once (they are most files);
+        larger ones are written here in order while the workers fetch their chunks ahead."""
+        small: deque[Future[None]] = deque()
+        large: list[_FileJob] = []
+        for job in self.files:
+            if len(job.node.content) > 1 or job.node.extents:
+                large.append(job)
+                continue
+            try:
+                dir_fd = os.dup(self.parent_dir(job.parts[:-1]))
+            except OSError as exc:
+                self.warnings.append(f"/{'/'.join(job.parts)}: {exc.strerror or exc}")
+                continue
+            small.append(pool.submit(self._restore_small_file, job, dir_fd))
+            while len(small) > PREFETCH_CHUNKS:
+                small.popleft().result()
+        while small:
+            small.popleft().result()
+        self._stream_files(pool, large)
+
+    def _restore_small_file(self, job: _FileJob, dir_fd: int) -> None:
+        """Worker task: load, create, write, set metadata; ``dir_fd`` is this task's own to close."""
+        try:
+            data = self._load_chunk(job.node.content[0]) if job.node.content else b""
+            fd = safe_fs.create_file(dir_fd, job.parts[-1])
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.ftruncate(fd, job.node.size)
+                self.apply_metadata(None, fd, job.node)
+            finally:
+                os.close(fd)
+        except _ENTRY_ERRORS as exc:
+            self.warnings.append(f"/{'/'.join(job.parts)}: {_reason(exc)}")
+            return
+        finally:
+            os.close(dir_fd)
+        with self._count_lock:
+            self.counters.files += 1
+            self.counters.bytes_written += len(data)
+        self._report("/" + "/".join(job.parts))
+
+    def _stream_files(self, pool: ThreadPoolExecutor, files: list[_FileJob]) -> None:
         def chunk_stream() -> Iterator[tuple[_FileJob, Future[bytes] | None]]:
-            for job in self.files:
+            for job in files:
                 yield job, None  # marks the start of a file
                 for chunk in job.node.content:
                     yield job, pool.submit(self._load_chunk, chunk)
@@ -193,21 +243,35 @@ class _Restore:
                 current.fd = -1
         if current is not None:
             self.finish_file(current)
+        self.close_parent_dir()
 
     def _load_chunk(self, chunk: str) -> bytes:
         return self.repo.load_blob(bytes.fromhex(chunk))
 
     def open_file(self, job: _FileJob) -> _FileWriter:
         try:
-            dir_fd = safe_fs.open_path(self.root_fd, job.parts[:-1])
-            try:
-                fd = safe_fs.create_file(dir_fd, job.parts[-1])
-            finally:
-                os.close(dir_fd)
+            fd = safe_fs.create_file(self.parent_dir(job.parts[:-1]), job.parts[-1])
         except OSError as exc:
             self.warnings.append(f"/{'/'.join(job.parts)}: {exc.strerror or exc}")
             return _FileWriter(job, -1)
         return _FileWriter(job, fd)
+
+    def parent_dir(self, parts: list[str]) -> int:
+        """An open descriptor of the directory at ``parts``; files come in directory order, so the
+        last one is kept open for the next file (walking the path again per file cost a third of
+        a restore of many small files)."""
+        key = tuple(parts)
+        if self._open_dir is not None and self._open_dir[0] == key:
+            return self._open_dir[1]
+        self.close_parent_dir()
+        fd = safe_fs.open_path(self.root_fd, parts)
+        self._open_dir = (key, fd)
+        return fd
+
+    def close_parent_dir(self) -> None:
+        if self._open_dir is not None:
+            os.close(self._open_dir[1])
+            self._open_dir = None
 
     def finish_file(self, writer: _FileWriter) -> None:
         if writer.fd < 0:
@@ -301,25 +365,30 @@ class _FileWriter:
 
 
 def _uid_for(node: Node) -> int:
-    if node.user:
-        try:
-            import pwd
-
-            return pwd.getpwnam(node.user).pw_uid
-        except KeyError:
-            pass
-    return node.uid
+    """The owner by name when this system knows the name, else the stored number (as tar does)."""
+    uid = _uid_of(node.user) if node.user else None
+    return node.uid if uid is None else uid
 
 
 def _gid_for(node: Node) -> int:
-    if node.group:
-        try:
-            import grp
+    gid = _gid_of(node.group) if node.group else None
+    return node.gid if gid is None else gid
 
-            return grp.getgrnam(node.group).gr_gid
-        except KeyError:
-            pass
-    return node.gid
+
+@lru_cache(maxsize=4096)
+def _uid_of(name: str) -> int | None:
+    try:
+        return pwd.getpwnam(name).pw_uid
+    except KeyError:
+        return None
+
+
+@lru_cache(maxsize=4096)
+def _gid_of(name: str) -> int | None:
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        return None
 
 
 def restore_files(repo: Repository, snapshot: Snapshot, options: RestoreOptions,
