@@ -54,6 +54,7 @@ class MonitorSource(Protocol):
     def connect(self) -> QmpClient: ...  # a session; backup_vm closes it
     def disks(self, qmp: QmpClient) -> list[Disk]: ...  # list_disks, named as the source names them
     def share_scratch(self, workdir: Path) -> None: ...  # let QEMU create and open files in workdir
+    def guest_quiesce(self, freeze_timeout: float) -> GuestQuiesce: ...  # a freeze through its own agent channel
     def snapshot_extra(self) -> dict[str, Any]: ...  # added to the snapshot's extra (domain_xml, …)
 
 
@@ -67,6 +68,7 @@ class ImageBackupOptions:
     scratch_dir: str | None = None
     source: MonitorSource | None = None  # instead of qmp
     guest_agent: str | None = None  # the guest agent's unix socket: file systems frozen for the instant
+    freeze: bool = False  # freeze them through guest_agent if given, else through the source's channel (libvirt)
     freeze_timeout: float = FREEZE_TIMEOUT
 
 
@@ -263,6 +265,9 @@ def backup_vm(repo: Repository, options: ImageBackupOptions,
     """Back up every disk of the VM behind ``options.qmp`` into an open, locked repository."""
     if options.mode not in ("auto", "full", "incremental"):
         raise UsageError(f"unknown mode {options.mode!r}; use auto, full or incremental")
+    if options.freeze and not options.guest_agent and options.source is None:
+        raise UsageError("freezing the guest through a QMP socket needs the guest agent's socket",
+                         hint="add --guest-agent SOCKET")
     vm_config = Path(options.vm_config).read_text() if options.vm_config else None
     started = time.monotonic()
     adopt_orphan_packs(repo)  # chunks a killed or failed backup stored are reused, not stored again
@@ -288,8 +293,7 @@ def backup_vm(repo: Repository, options: ImageBackupOptions,
         with tempfile.TemporaryDirectory(prefix="hozon-", dir=scratch) as workdir:
             if source:
                 source.share_scratch(Path(workdir))
-            quiesce = (GuestQuiesce.through_agent(options.guest_agent, options.freeze_timeout)
-                       if options.guest_agent else None)
+            quiesce = _quiesce(options, source)
             point = PointInTime(qmp, disks, Path(workdir), new_bitmap, since, quiesce=quiesce)
             with point as exports, BlobWriter(repo) as writer:
                 notes += quiesce.notes if quiesce else []
@@ -308,6 +312,15 @@ def backup_vm(repo: Repository, options: ImageBackupOptions,
                 repo.save_snapshot(snapshot)
                 point.commit()
     return ImageBackupResult(snapshot, notes)
+
+
+def _quiesce(options: ImageBackupOptions, source: MonitorSource | None) -> GuestQuiesce | None:
+    """The freeze around the instant: through the agent's socket, or the source's own channel to the agent."""
+    if options.guest_agent:
+        return GuestQuiesce.through_agent(options.guest_agent, options.freeze_timeout)
+    if options.freeze and source is not None:
+        return source.guest_quiesce(options.freeze_timeout)
+    return None
 
 
 def backup_images(repo: Repository, images: list[str], options: ImageBackupOptions,

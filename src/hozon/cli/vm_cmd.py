@@ -46,23 +46,45 @@ def vm_backup(
     vm_config: str = typer.Option(None, "--vm-config", help="File with the VM's QEMU command line, kept with it."),
     tag: list[str] = typer.Option([], "--tag", help="Tag the snapshot (repeatable)."),
     scratch: str = typer.Option(None, "--scratch", help="Directory for QEMU's point-in-time scratch images."),
+    freeze: bool = typer.Option(False, "--freeze",
+                                help="Freeze the guest's file systems for the instant through the guest agent "
+                                     "(application-consistent). With --libvirt: through libvirt's agent channel. "
+                                     "With --qmp: needs --guest-agent SOCKET."),
     guest_agent: str = typer.Option(None, "--guest-agent", metavar="SOCKET",
-                                    help="The guest agent's unix socket (QEMU -chardev socket,…): freeze the guest's "
-                                         "file systems for the instant (application-consistent)."),
+                                    help="With --qmp: the guest agent's unix socket (QEMU -chardev socket,…); implies "
+                                         "--freeze. Not for --libvirt, whose agent channel libvirt keeps."),
     repo: str | None = RepoOption,
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
-    """Back up every disk of a running VM at one instant; incremental through dirty bitmaps."""
+    """Back up every disk of a running VM at one instant; incremental through dirty bitmaps.
+
+    Without --freeze the backup is crash-consistent: the disks as a power cut would leave them.
+    With --freeze the guest agent (qemu-ga) flushes and freezes the guest's file systems for that
+    instant and thaws them right after (application-consistent): --libvirt DOMAIN --freeze uses
+    the domain's channel org.qemu.guest_agent.0; --qmp SOCKET --guest-agent AGENT_SOCKET uses the
+    agent's socket. A guest that cannot be frozen (no agent, no answer within 10 s) is backed up
+    crash-consistent with a note; the snapshot's extra.consistency says which it is. A thaw that is
+    not confirmed is retried once, then reported as a WARNING note.
+    """
     if [bool(qmp), bool(image), bool(libvirt)].count(True) != 1:
         raise UsageError("say which VM to back up: a running one or the images of a shut-off one",
                          hint="hozon vm backup --qmp SOCKET, --libvirt DOMAIN, or --image FILE … --name NAME")
     if connect and not libvirt:
         raise UsageError("--connect is for --libvirt DOMAIN")
-    if guest_agent and image:
-        raise UsageError("--guest-agent is for a running VM; the images of a shut-off one need no freeze")
+    if (guest_agent or freeze) and image:
+        raise UsageError(f"{'--guest-agent' if guest_agent else '--freeze'} is for a running VM; the images of a "
+                         "shut-off one need no freeze")
+    if guest_agent and libvirt:
+        raise UsageError("--guest-agent SOCKET is for --qmp; libvirt keeps the agent's channel of a domain itself",
+                         hint="hozon vm backup --libvirt DOMAIN --freeze")
+    if freeze and qmp and not guest_agent:
+        raise UsageError("--freeze with --qmp needs the guest agent's socket",
+                         hint="add --guest-agent SOCKET (QEMU: -chardev socket,id=qga0,path=SOCKET,server=on,wait=off "
+                              "-device virtio-serial-pci -device virtserialport,chardev=qga0,"
+                              "name=org.qemu.guest_agent.0)")
     options = ImageBackupOptions(qmp=qmp or "", name=name, mode=mode, vm_config=vm_config, tags=tag,
                                  scratch_dir=scratch, source=LibvirtSource(libvirt, connect) if libvirt else None,
-                                 guest_agent=guest_agent)
+                                 guest_agent=guest_agent, freeze=freeze or bool(guest_agent))
     with locked_repo(repo, SHARED, "vm backup") as repository:
         def run(progress: ProgressCallback | None) -> ImageBackupResult:
             if image:
@@ -86,7 +108,7 @@ def vm_backup(
                       f"{human_bytes(d['size'])} ({human_bytes(d['zero_bytes'])} zero, not stored)", markup=False)
     s = snap.summary
     paused = f"; VM I/O paused {s['pause_ms']} ms" if snap.extra.get("source") != "image" else ""
-    if "frozen_ms" in s:  # --guest-agent
+    if "frozen_ms" in s:  # --freeze
         paused += (f"; guest file systems frozen {s['frozen_ms']} ms" if snap.extra["consistency"] == "application"
                    else "; crash-consistent (not frozen)")
     console.print(f"added to the repository: {human_bytes(s['data_added'])} ({human_bytes(s['data_added_stored'])} "

@@ -2,12 +2,14 @@
 
 ``virsh.py`` runs libvirt's client; ``domain.py`` reads a domain's live description and its
 definition; ``monitor.py`` passes QMP through libvirt (:class:`LibvirtMonitor`, a ``QmpClient``
-for everything in ``hozon.sources.qemu``); ``source.py`` is what ``hozon vm backup --libvirt``
-hands to the image backup; ``define.py`` defines a restored copy (``hozon vm restore
---libvirt-define``). Why Hozon passes QMP through rather than using libvirt's backup API is in
-docs/vm-backup.md.
+for everything in ``hozon.sources.qemu``); ``agent.py`` passes guest agent commands through
+libvirt (:class:`LibvirtGuestAgent`, a ``GuestFreezer`` for ``--freeze``); ``source.py`` is what
+``hozon vm backup --libvirt`` hands to the image backup; ``define.py`` defines a restored copy
+(``hozon vm restore --libvirt-define``). Why Hozon passes QMP through rather than using
+libvirt's backup API is in docs/vm-backup.md.
 """
 
+from hozon.sources.libvirt.agent import LibvirtGuestAgent, guest_quiesce
 from hozon.sources.libvirt.define import (
     Defined,
     RestoredDisk,
@@ -24,6 +26,7 @@ from hozon.sources.libvirt.virsh import Virsh, VirshFailed
 __all__ = [
     "Defined",
     "DomainInfo",
+    "LibvirtGuestAgent",
     "LibvirtMonitor",
     "LibvirtSource",
     "RestoredDisk",
@@ -34,5 +37,6 @@ __all__ = [
     "define_copy",
     "definition",
     "describe",
+    "guest_quiesce",
     "saved_definition",
 ]

@@ -2,8 +2,9 @@
 
 :class:`LibvirtSource` is what ``hozon.backup.image.backup_vm`` takes instead of a QMP socket
 (its ``MonitorSource``): the monitor through libvirt, the disks named by their libvirt targets
-(``vda``, not QEMU's ``virtio-disk0``), a scratch directory QEMU's user can write, and the
-domain's definition for the snapshot (``extra["domain_xml"]``) so the VM can be defined again.
+(``vda``, not QEMU's ``virtio-disk0``), a scratch directory QEMU's user can write, the
+domain's definition for the snapshot (``extra["domain_xml"]``) so the VM can be defined again, and
+the freeze of the guest's file systems through libvirt's channel to its agent (``--freeze``).
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from hozon.errors import QmpError
+from hozon.sources.libvirt.agent import guest_quiesce
 from hozon.sources.libvirt.domain import definition
 from hozon.sources.libvirt.monitor import LibvirtMonitor
 from hozon.sources.qemu.disks import Disk, list_disks
+from hozon.sources.qemu.guest_agent import GuestQuiesce
 from hozon.sources.qemu.qmp import QmpClient
 
 
@@ -53,6 +56,11 @@ class LibvirtSource:
 
     def share_scratch(self, workdir: Path) -> None:
         self._session().share_directory(workdir)
+
+    def guest_quiesce(self, freeze_timeout: float) -> GuestQuiesce:
+        """The guest's file systems frozen around the instant, through the agent channel libvirt keeps."""
+        domain = self._session().domain
+        return guest_quiesce(domain.uuid, self.uri, domain.name, freeze_timeout)
 
     def snapshot_extra(self) -> dict[str, Any]:
         domain = self._session().domain

@@ -25,8 +25,8 @@ command is a :class:`~hozon.errors.GuestAgentCommandError`.
 instant (``PointInTime(..., quiesce=GuestQuiesce.through_agent(path))``): the guest's file
 systems are frozen right before and always thawed right after, and it never raises — a guest
 that cannot be frozen gives a crash-consistent backup and a note, not no backup. It uses any
-:class:`GuestFreezer`; the socket agent is one, a libvirt domain (``virDomainFSFreeze``) can be
-another.
+:class:`GuestFreezer`; the socket agent is one, the agent of a libvirt domain reached through libvirt
+(``hozon.sources.libvirt.agent``) is another.
 """
 
 from __future__ import annotations
@@ -308,10 +308,11 @@ class GuestQuiesce:
     """
 
     def __init__(self, open_freezer: Callable[[], GuestFreezer], where: str, freeze_timeout: float = FREEZE_TIMEOUT,
-                 thaw_timeout: float = THAW_TIMEOUT) -> None:
+                 thaw_timeout: float = THAW_TIMEOUT, thaw_hint: str = "guest-fsfreeze-thaw") -> None:
         if freeze_timeout <= 0 or thaw_timeout <= 0:
             raise ValueError("freeze and thaw timeouts must be positive")
         self.where = where
+        self.thaw_hint = thaw_hint  # what an operator runs to thaw by hand, named in the warning
         self.freeze_timeout = freeze_timeout
         self.thaw_timeout = thaw_timeout
         self.consistency = "crash"
@@ -377,7 +378,7 @@ class GuestQuiesce:
             self.frozen_seconds = time.monotonic() - self._frozen_at
         if failure is not None:
             warning = (f"WARNING: {self.where} did not confirm the thaw ({failure}): file systems in the guest "
-                       "may still be frozen: run guest-fsfreeze-thaw")
+                       f"may still be frozen: run {self.thaw_hint}")
             self.notes.append(warning)
             self.warnings.append(warning)
             if exc is not None:
