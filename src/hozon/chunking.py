@@ -9,7 +9,7 @@ shift and alignment lets a changed-block map name exactly the chunks to re-read.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import BinaryIO
+from typing import BinaryIO, Protocol, cast
 
 from pyfastcdc import FastCDC
 
@@ -19,10 +19,16 @@ CDC_MAX = 8 * 1024 * 1024
 FIXED_SIZE = 1024 * 1024
 
 
+class Readable(Protocol):
+    """What the chunker reads from: a file, a pipe, a VM's state stream."""
+
+    def readinto(self, buffer: memoryview) -> int: ...
+
+
 class _Limited:
     """A readinto() view of the next ``remaining`` bytes of a file (one data extent)."""
 
-    def __init__(self, raw: BinaryIO, remaining: int) -> None:
+    def __init__(self, raw: BinaryIO | Readable, remaining: int) -> None:
         self._raw = raw
         self.remaining = remaining
 
@@ -30,7 +36,7 @@ class _Limited:
         if self.remaining <= 0:
             return 0
         view = buf[: min(len(buf), self.remaining)]
-        n = self._raw.readinto(view)  # type: ignore[attr-defined]
+        n = cast(Readable, self._raw).readinto(view)  # a binary file has readinto too
         n = n or 0
         self.remaining -= n
         return int(n)
@@ -39,11 +45,12 @@ class _Limited:
 class ContentChunker:
     """FastCDC with the repository's seed; reusable, not shared between threads."""
 
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, average: int = CDC_AVG) -> None:
         # pyfastcdc's min/avg arguments: the real average is avg_size + min_size (see its docs).
-        self._cdc = FastCDC(CDC_AVG - CDC_MIN, min_size=CDC_MIN, max_size=CDC_MAX, seed=seed)
+        minimum, maximum = average // 2, average * 8
+        self._cdc = FastCDC(average - minimum, min_size=minimum, max_size=maximum, seed=seed)
 
-    def chunks(self, stream: BinaryIO, length: int | None = None) -> Iterator[bytes]:
+    def chunks(self, stream: BinaryIO | Readable, length: int | None = None) -> Iterator[bytes]:
         """Yield the chunks of ``stream`` (up to ``length`` bytes when given) as independent bytes."""
         source = _Limited(stream, length) if length is not None else stream
         for chunk in self._cdc.cut_stream(source):

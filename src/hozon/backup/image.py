@@ -12,6 +12,7 @@ checks every way the chain can break and falls back to a full read, saying why i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -27,6 +28,7 @@ import numpy as np
 import numpy.typing as npt
 
 from hozon import __version__
+from hozon.backup.checkpoint import describe_vm, store_state
 from hozon.errors import HozonError, UsageError
 from hozon.nbd import NbdClient
 from hozon.nbd.qemu_nbd import QemuNbd
@@ -40,6 +42,7 @@ from hozon.sources.qemu import QmpClient
 from hozon.sources.qemu.disks import Disk, bitmaps, list_disks
 from hozon.sources.qemu.fleece import DiskExport, PointInTime, cleanup_leftovers
 from hozon.sources.qemu.guest_agent import FREEZE_TIMEOUT, GuestQuiesce
+from hozon.sources.qemu.vmstate import StateCapture
 
 CHUNK_SIZE = 1024 * 1024  # fixed, aligned to disk offsets: a changed block maps to one chunk
 READ_DEPTH = 4
@@ -70,6 +73,7 @@ class ImageBackupOptions:
     guest_agent: str | None = None  # the guest agent's unix socket: file systems frozen for the instant
     freeze: bool = False  # freeze them through guest_agent if given, else through the source's channel (libvirt)
     freeze_timeout: float = FREEZE_TIMEOUT
+    checkpoint: bool = False  # also the VM's CPU, memory and device state at the instant (kind "checkpoint")
 
 
 @dataclass
@@ -268,6 +272,8 @@ def backup_vm(repo: Repository, options: ImageBackupOptions,
     if options.freeze and not options.guest_agent and options.source is None:
         raise UsageError("freezing the guest through a QMP socket needs the guest agent's socket",
                          hint="add --guest-agent SOCKET")
+    if options.checkpoint and options.freeze:
+        raise UsageError("a checkpoint keeps the guest's memory, page cache included; it needs no freeze")
     vm_config = Path(options.vm_config).read_text() if options.vm_config else None
     started = time.monotonic()
     adopt_orphan_packs(repo)  # chunks a killed or failed backup stored are reused, not stored again
@@ -288,29 +294,43 @@ def backup_vm(repo: Repository, options: ImageBackupOptions,
         new_bitmap = bitmap_prefix(repo) + os.urandom(4).hex()
         since = {p.disk.name: p.since for p in plans if p.since}
         scratch = os.path.abspath(options.scratch_dir or tempfile.gettempdir())  # QEMU resolves paths itself
-        advance = _Progress(sum(p.disk.size for p in plans), progress)
+        vm = describe_vm(qmp, vm_config) if options.checkpoint else {}
+        advance = _Progress(sum(p.disk.size for p in plans) + int(vm.get("memory_bytes") or 0), progress)
         disk_docs: list[dict[str, Any]] = []
-        with tempfile.TemporaryDirectory(prefix="hozon-", dir=scratch) as workdir:
+        with contextlib.ExitStack() as stack:
+            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="hozon-", dir=scratch)))
             if source:
-                source.share_scratch(Path(workdir))
+                source.share_scratch(workdir)
             quiesce = _quiesce(options, source)
-            point = PointInTime(qmp, disks, Path(workdir), new_bitmap, since, quiesce=quiesce)
-            with point as exports, BlobWriter(repo) as writer:
-                notes += quiesce.notes if quiesce else []
-                for plan in plans:
-                    ids, bytes_read = _read_export(writer, exports[plan.disk.name], plan, advance)
-                    maps = [writer.store_blob(encode_map(part), MAP).hex() for part in split_maps(ids)]
-                    disk_docs.append(_disk_doc(plan, ids, maps, new_bitmap, bytes_read))
-                writer.close()
-                snapshot = _snapshot(name, options, parent, disk_docs, str(qmp.version), vm_config,
-                                     point.pause_seconds, writer, started, source=source.kind if source else "qmp",
-                                     source_extra=source.snapshot_extra() if source else None)
-                if quiesce is not None:
-                    snapshot.extra.update(consistency=quiesce.consistency,
-                                          frozen_filesystems=quiesce.frozen_filesystems)
-                    snapshot.summary["frozen_ms"] = round(quiesce.frozen_seconds * 1000, 1)
-                repo.save_snapshot(snapshot)
-                point.commit()
+            capture = StateCapture(qmp) if options.checkpoint else None
+            if capture is not None:
+                stack.callback(capture.close)
+            point = PointInTime(qmp, disks, workdir, new_bitmap, since, quiesce=capture or quiesce)
+            exports = stack.enter_context(point)
+            if capture is not None:
+                stack.callback(capture.close)  # again (it is idempotent): stop the stream before the fleecing goes
+            writer = stack.enter_context(BlobWriter(repo))
+            notes += quiesce.notes if quiesce else []
+            state = store_state(writer, capture, repo.master.chunker_seed, advance) if capture else None
+            for plan in plans:
+                ids, bytes_read = _read_export(writer, exports[plan.disk.name], plan, advance)
+                maps = [writer.store_blob(encode_map(part), MAP).hex() for part in split_maps(ids)]
+                disk_docs.append(_disk_doc(plan, ids, maps, new_bitmap, bytes_read))
+            writer.close()
+            snapshot = _snapshot(name, options, parent, disk_docs, str(qmp.version), vm_config,
+                                 point.pause_seconds, writer, started, source=source.kind if source else "qmp",
+                                 source_extra=source.snapshot_extra() if source else None)
+            if quiesce is not None:
+                snapshot.extra.update(consistency=quiesce.consistency,
+                                      frozen_filesystems=quiesce.frozen_filesystems)
+                snapshot.summary["frozen_ms"] = round(quiesce.frozen_seconds * 1000, 1)
+            if capture is not None and state is not None:
+                snapshot.kind = "checkpoint"
+                snapshot.extra.update(state=state, consistency="checkpoint", **vm)
+                snapshot.summary.update(pause_ms=round(capture.pause_seconds * 1000, 1),
+                                        transaction_ms=snapshot.summary["pause_ms"], state_bytes=state["size"])
+            repo.save_snapshot(snapshot)
+            point.commit()
     return ImageBackupResult(snapshot, notes)
 
 

@@ -9,7 +9,16 @@ from rich.text import Text
 
 from hozon import __version__
 from hozon.allocator import tune_for_large_buffers
-from hozon.cli import backup_cmd, check_cmd, forget_cmd, repo_cmd, restore_cmd, snapshots_cmd, vm_cmd
+from hozon.cli import (
+    backup_cmd,
+    check_cmd,
+    checkpoint_cmd,
+    forget_cmd,
+    repo_cmd,
+    restore_cmd,
+    snapshots_cmd,
+    vm_cmd,
+)
 from hozon.cli.common import err_console
 from hozon.errors import HozonError
 
@@ -30,6 +39,8 @@ app.command()(forget_cmd.forget)
 app.command()(forget_cmd.prune)
 app.add_typer(repo_cmd.key_app, name="key")
 app.add_typer(repo_cmd.list_app, name="list")
+vm_cmd.vm_app.add_typer(checkpoint_cmd.checkpoint_app, name="checkpoint")
+vm_cmd.vm_app.command("memory")(checkpoint_cmd.vm_memory)
 app.add_typer(vm_cmd.vm_app, name="vm")
 
 

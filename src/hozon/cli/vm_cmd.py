@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -86,17 +87,22 @@ def vm_backup(
                                  scratch_dir=scratch, source=LibvirtSource(libvirt, connect) if libvirt else None,
                                  guest_agent=guest_agent, freeze=freeze or bool(guest_agent))
     with locked_repo(repo, SHARED, "vm backup") as repository:
-        def run(progress: ProgressCallback | None) -> ImageBackupResult:
-            if image:
-                return backup_images(repository, image, options, progress)
-            return backup_vm(repository, options, progress)
+        result = run_image_backup(lambda progress: backup_images(repository, image, options, progress) if image
+                                  else backup_vm(repository, options, progress), "reading disks", json_out)
+    render_image_backup(result, json_out)
 
-        if interactive() and not json_out:
-            with _bar() as bar:
-                task = bar.add_task("reading disks", total=None)
-                result = run(lambda done, total: bar.update(task, completed=done, total=total))
-        else:
-            result = run(None)
+
+def run_image_backup(run: Callable[[ProgressCallback | None], ImageBackupResult], what: str,
+                     json_out: bool) -> ImageBackupResult:
+    """Run an image backup, with a progress bar on a terminal."""
+    if interactive() and not json_out:
+        with _bar() as bar:
+            task = bar.add_task(what, total=None)
+            return run(lambda done, total: bar.update(task, completed=done, total=total))
+    return run(None)
+
+
+def render_image_backup(result: ImageBackupResult, json_out: bool) -> None:
     snap = result.snapshot
     if json_out:
         print_json({"snapshot": snap.listing(), "notes": result.notes})
@@ -111,9 +117,13 @@ def vm_backup(
     if "frozen_ms" in s:  # --freeze
         paused += (f"; guest file systems frozen {s['frozen_ms']} ms" if snap.extra["consistency"] == "application"
                    else "; crash-consistent (not frozen)")
+    if snap.kind == "checkpoint":
+        paused = f"; VM paused {s['pause_ms']} ms"
+        console.print(f"state: {human_bytes(s['state_bytes'])} of CPU, memory and device state", markup=False)
     console.print(f"added to the repository: {human_bytes(s['data_added'])} ({human_bytes(s['data_added_stored'])} "
                   f"stored) in {s['duration_s']:.1f} s{paused}", markup=False)
-    console.print(f"snapshot {snap.short_id} of VM {snap.extra['vm']} saved", markup=False)
+    console.print(f"{'checkpoint' if snap.kind == 'checkpoint' else 'snapshot'} {snap.short_id} of VM "
+                  f"{snap.extra['vm']} saved", markup=False)
 
 
 @vm_app.command("restore")

@@ -24,7 +24,7 @@ import numpy.typing as npt
 
 from hozon.crypto import content_name
 from hozon.errors import CorruptData, HozonError
-from hozon.repo.imagemap import decode_map, image_disks, map_ids, zero_mask
+from hozon.repo.imagemap import decode_map, map_ids, mapped_entries, zero_mask
 from hozon.repo.index import IndexFile
 from hozon.repo.pack import pack_key, read_header
 from hozon.repo.repository import Repository
@@ -390,9 +390,8 @@ class _Check:
         return False
 
     def _check_image(self, snap: Snapshot) -> None:
-        """Disk images: every map blob, and every non-zero chunk each map names."""
-        for disk in image_disks(snap.extra):
-            path = f"disk {disk.get('name', '?')}"
+        """Disk images and a checkpoint's state: every map blob, and every non-zero chunk each map names."""
+        for path, disk in mapped_entries(snap.extra):
             try:
                 maps = map_ids(disk)
             except (ValueError, TypeError):

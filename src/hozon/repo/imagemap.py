@@ -8,6 +8,8 @@ whole disk (logically full) while zero regions cost nothing.
 
     extra["disks"] = [{"name": "vda", "size": virtual bytes, "chunk_size": 1048576,
                        "maps": [hex id, …], "format": "qcow2", …}]
+    extra["state"] = {"format": "qemu-migration", "size": bytes, "maps": [hex id, …],
+                      "lengths": base64 of little-endian uint32 chunk lengths, …}   (checkpoints)
 """
 
 from __future__ import annotations
@@ -49,6 +51,17 @@ def split_maps(ids: npt.NDArray[np.uint8]) -> Iterator[npt.NDArray[np.uint8]]:
 def image_disks(extra: dict[str, Any]) -> list[dict[str, Any]]:
     disks = extra.get("disks", [])
     return disks if isinstance(disks, list) else []
+
+
+def mapped_entries(extra: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """Every entry of an image snapshot that names map blobs, with how messages call it: the disks
+    (``disk vda``) and a checkpoint's state stream (``VM state``, ``extra["state"]``, whose chunks
+    are cut by content and so vary in length)."""
+    entries = [(f"disk {d.get('name', '?')}", d) for d in image_disks(extra) if isinstance(d, dict)]
+    state = extra.get("state")
+    if isinstance(state, dict):
+        entries.append(("VM state", state))
+    return entries
 
 
 def map_ids(disk: dict[str, Any]) -> list[bytes]:

@@ -59,7 +59,7 @@ import numpy.typing as npt
 
 from hozon.errors import CorruptData, HozonError
 from hozon.repo.backends.local import TMP_DIR, LocalBackend
-from hozon.repo.imagemap import decode_map, image_disks, map_ids, zero_mask
+from hozon.repo.imagemap import decode_map, map_ids, mapped_entries, zero_mask
 from hozon.repo.index import IndexFile, PackRecord
 from hozon.repo.locks import LockInfo, list_locks
 from hozon.repo.pack import PackBuilder, pack_key
@@ -294,7 +294,7 @@ def _used_rows(repo: Repository, snapshots: Iterable[Snapshot]) -> npt.NDArray[n
     for snap in snapshots:
         pending: list[bytes] = []
         if snap.tree is None:  # disk images: map blobs and the chunks they name
-            for disk in image_disks(snap.extra):
+            for what, disk in mapped_entries(snap.extra):
                 maps = map_ids(disk)
                 mark(snap, list(maps))
                 for map_id in maps:
@@ -305,8 +305,8 @@ def _used_rows(repo: Repository, snapshots: Iterable[Snapshot]) -> npt.NDArray[n
                     live = ids[~zero_mask(ids)]
                     rows = index.positions(live)
                     if (rows < 0).any():
-                        raise _damaged(f"snapshot {snap.short_id} references chunks of disk {disk.get('name')} "
-                                       "that are in no index")
+                        raise _damaged(f"snapshot {snap.short_id} references chunks of {what} that are in no "
+                                       "index")
                     used[rows] = True
             continue
         stack = [snap.tree]

@@ -33,7 +33,7 @@ import select
 import subprocess
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final
@@ -150,8 +150,10 @@ class LibvirtMonitor(QmpClient):
     # -- commands ------------------------------------------------------------------------------
 
     def execute(self, command: str, arguments: Mapping[str, Any] | None = None,
-                timeout: float | None = None) -> Any:
-        """Run ``command`` through libvirt and return QEMU's ``return`` value, like :meth:`QmpClient.execute`."""
+                timeout: float | None = None, fds: Sequence[int] = ()) -> Any:
+        """Run ``command`` through libvirt and return QEMU's ``return`` value, like :meth:`QmpClient.execute`.
+
+        ``fds`` go along through libvirt (``qemu-monitor-command --pass-fds``)."""
         self._usable()
         wait = self.command_timeout if timeout is None else timeout
         message: dict[str, Any] = {"execute": command}
@@ -164,8 +166,9 @@ class LibvirtMonitor(QmpClient):
         if command == "blockdev-add" and arguments is not None:
             self._hand_over_files(arguments)
         try:
-            output = self.virsh.run(["qemu-monitor-command", "--", self.domain.uuid, text],
-                                    f"pass {command} to QEMU", timeout=wait)
+            passing = ["--pass-fds", ",".join(map(str, fds))] if fds else []
+            output = self.virsh.run(["qemu-monitor-command", *passing, "--", self.domain.uuid, text],
+                                    f"pass {command} to QEMU", timeout=wait, pass_fds=fds)
         except subprocess.TimeoutExpired:
             raise QmpError(f"{self._where} did not send the reply to {command} within {wait:g} s") from None
         except VirshFailed as exc:

@@ -57,7 +57,8 @@ class Virsh:
         """The argument vector for ``virsh ARGS…`` on this connection."""
         return [VIRSH, "--quiet", *(["--connect", self.uri] if self.uri else []), *args]
 
-    def run(self, args: Sequence[str], what: str, timeout: float = DEFAULT_TIMEOUT, input: str | None = None) -> str:
+    def run(self, args: Sequence[str], what: str, timeout: float = DEFAULT_TIMEOUT, input: str | None = None,
+            pass_fds: Sequence[int] = ()) -> str:
         """Run ``virsh ARGS…`` and return what it printed; ``what`` says what it was for, in errors.
 
         A virsh that says no raises :class:`VirshFailed`; one that does not finish in ``timeout``
@@ -67,7 +68,7 @@ class Virsh:
         try:
             done = subprocess.run(self.command(*args), capture_output=True, text=True, env=self.env,
                                   timeout=timeout, input=input, stdin=None if input is not None else subprocess.DEVNULL,
-                                  check=False)
+                                  pass_fds=tuple(pass_fds), check=False)
         except FileNotFoundError:
             raise HozonError("virsh is not installed; Hozon needs it to work with libvirt",
                              hint=LIBVIRT_CLIENTS_HINT) from None

@@ -162,13 +162,18 @@ class QmpClient:
     # -- commands ------------------------------------------------------------------------------
 
     def execute(self, command: str, arguments: Mapping[str, Any] | None = None,
-                timeout: float | None = None) -> Any:
+                timeout: float | None = None, fds: Sequence[int] = ()) -> Any:
         """Run ``command`` and return QEMU's ``return`` value; QEMU's error raises :class:`QmpCommandError`.
 
         Events that arrive meanwhile are queued. ``timeout`` defaults to ``command_timeout``.
+        ``fds`` travel with the command (SCM_RIGHTS), as ``getfd`` wants them.
         """
         wait = self.command_timeout if timeout is None else timeout
-        return self._execute(command, arguments, time.monotonic() + wait, wait)
+        return self._execute(command, arguments, time.monotonic() + wait, wait, fds)
+
+    def pass_fd(self, name: str, fd: int) -> None:
+        """Hand QEMU a copy of the descriptor ``fd`` under ``name`` (``getfd``), e.g. for ``migrate fd:NAME``."""
+        self.execute("getfd", {"fdname": name}, fds=[fd])
 
     def transaction(self, actions: Sequence[Mapping[str, Any]], properties: Mapping[str, Any] | None = None,
                     timeout: float | None = None) -> None:
@@ -249,7 +254,8 @@ class QmpClient:
         self.capabilities = tuple(str(c) for c in offered) if isinstance(offered, list) else ()
         self._execute("qmp_capabilities", None, deadline, self.timeout)
 
-    def _execute(self, command: str, arguments: Mapping[str, Any] | None, deadline: float, wait: float) -> Any:
+    def _execute(self, command: str, arguments: Mapping[str, Any] | None, deadline: float, wait: float,
+                 fds: Sequence[int] = ()) -> Any:
         self._usable()
         self._next_id += 1
         ident = self._next_id
@@ -260,7 +266,7 @@ class QmpClient:
             data = json.dumps(message, separators=(",", ":")).encode() + b"\n"
         except (TypeError, ValueError) as exc:
             raise QmpError(f"the arguments of QMP command {command} cannot be sent as JSON: {exc}") from None
-        self._send(data, deadline, command)
+        self._send(data, deadline, command, fds)
         what = f"the reply to {command}"
         while True:
             reply = self._next_message(deadline, what, wait)
@@ -293,13 +299,16 @@ class QmpClient:
         self.close()
         return QmpError(message, hint=hint)
 
-    def _send(self, data: bytes, deadline: float, command: str) -> None:
+    def _send(self, data: bytes, deadline: float, command: str, fds: Sequence[int] = ()) -> None:
         sock = self._socket()
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise QmpError(f"no time was left to send {command} to {self._where}")
         try:
             sock.settimeout(remaining)
+            if fds:  # the descriptors go with the first byte; the rest follows as usual
+                sent = socket.send_fds(sock, [data[:1]], list(fds))
+                data = data[sent:]
             sock.sendall(data)
         except TimeoutError:
             raise self._fail(f"{self._where} did not take the command {command} in time") from None

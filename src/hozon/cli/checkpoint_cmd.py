@@ -1,0 +1,100 @@
+"""hozon vm checkpoint …, hozon vm memory: a VM's disks and running state at one instant."""
+
+from __future__ import annotations
+
+import shlex
+
+import typer
+
+from hozon.backup.image import ImageBackupOptions, backup_vm
+from hozon.cli.common import RepoOption, console, err_console, human_bytes, locked_repo
+from hozon.cli.vm_cmd import render_image_backup, run_image_backup
+from hozon.errors import UsageError
+from hozon.repo.locks import SHARED
+from hozon.restore.checkpoint import restore_checkpoint
+from hozon.restore.memory import export_memory
+from hozon.sources.libvirt import LibvirtSource
+
+checkpoint_app = typer.Typer(help="Checkpoints: a VM's disks and its CPU, memory and device state at one instant.")
+
+
+@checkpoint_app.callback(invoke_without_command=True)
+def vm_checkpoint(
+    ctx: typer.Context,
+    qmp: str = typer.Option(None, "--qmp", help="QEMU's QMP unix socket (give QEMU a second -qmp for Hozon)."),
+    libvirt: str = typer.Option(None, "--libvirt", help="A running libvirt domain (name, id or UUID)."),
+    connect: str = typer.Option(None, "--connect", help="libvirt URI for --libvirt (default: virsh's)."),
+    name: str = typer.Option(None, "--name", help="How the VM is called in the repository (default: QEMU's -name)."),
+    mode: str = typer.Option("auto", "--mode", help="Disks: auto (incremental when the chain allows), full, "
+                                                     "incremental."),
+    vm_config: str = typer.Option(None, "--vm-config",
+                                  help="File with the VM's QEMU command line (one shell-quoted line): what "
+                                       "restore --start and memory run."),
+    tag: list[str] = typer.Option([], "--tag", help="Tag the checkpoint (repeatable)."),
+    scratch: str = typer.Option(None, "--scratch", help="Directory for QEMU's point-in-time scratch images."),
+    repo: str | None = RepoOption,
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Take a checkpoint of a running VM: every disk and the VM's state at one instant; the VM keeps running.
+
+    The guest is paused only while the instant is fixed (milliseconds); its memory then streams
+    into the repository while it runs on. Subcommands: restore.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    if bool(qmp) == bool(libvirt):
+        raise UsageError("say which VM to checkpoint", hint="hozon vm checkpoint --qmp SOCKET or --libvirt DOMAIN")
+    if connect and not libvirt:
+        raise UsageError("--connect is for --libvirt DOMAIN")
+    options = ImageBackupOptions(qmp=qmp or "", name=name, mode=mode, vm_config=vm_config, tags=tag,
+                                 scratch_dir=scratch, source=LibvirtSource(libvirt, connect) if libvirt else None,
+                                 checkpoint=True)
+    with locked_repo(repo, SHARED, "vm checkpoint") as repository:
+        result = run_image_backup(lambda progress: backup_vm(repository, options, progress),
+                                  "saving state and disks", json_out)
+    render_image_backup(result, json_out)
+
+
+@checkpoint_app.command("restore")
+def checkpoint_restore(
+    snapshot: str = typer.Argument(..., help="Checkpoint id, prefix, or 'latest:VM'."),
+    to: str = typer.Option(..., "--to", help="Directory for the disks (thin) and the state."),
+    start: bool = typer.Option(False, "--start", help="Resume the VM right away from its saved command line."),
+    paused: bool = typer.Option(False, "--paused", help="With --start: load the state but keep the VM paused."),
+    repo: str | None = RepoOption,
+) -> None:
+    """Restore a checkpoint's disks and state; print (or, with --start, run) the command that resumes the VM."""
+    if paused and not start:
+        raise UsageError("--paused goes with --start")
+    with locked_repo(repo, SHARED, "vm checkpoint restore") as repository:
+        snap = repository.resolve_snapshot(snapshot)
+        restored = restore_checkpoint(repository, snap, to, start, paused)
+    for note in restored.notes:
+        err_console.print(f"note: {note}", markup=False, soft_wrap=True)
+    for d in restored.disks:
+        console.print(f"disk {d.name} → {d.path} ({d.format}, {human_bytes(d.size)}, "
+                      f"{human_bytes(d.bytes_written)} written)", markup=False)
+    console.print(f"state → {restored.state_path}", markup=False)
+    if restored.pid is not None:
+        how = "paused (send 'cont' on its monitor to run it)" if restored.status == "paused" else restored.status
+        console.print(f"VM {snap.extra.get('vm')} resumed from checkpoint {snap.short_id}: QEMU pid {restored.pid}, "
+                      f"{how}", markup=False)
+    elif restored.command is not None:
+        console.print("resume the VM with:", markup=False)
+        console.print(shlex.join(restored.command), markup=False, soft_wrap=True)
+    else:
+        console.print("the checkpoint kept no QEMU command line: start the VM's QEMU with "
+                      f"-incoming \"exec:cat {restored.state_path}\" and its disks on the restored images",
+                      markup=False, soft_wrap=True)
+
+
+def vm_memory(
+    snapshot: str = typer.Argument(..., help="Checkpoint id, prefix, or 'latest:VM'."),
+    to: str = typer.Option(..., "--to", help="The ELF core file to write."),
+    repo: str | None = RepoOption,
+) -> None:
+    """Export a checkpoint's guest physical memory as an ELF core file (for memory forensics)."""
+    with locked_repo(repo, SHARED, "vm memory") as repository:
+        snap = repository.resolve_snapshot(snapshot)
+        size = export_memory(repository, snap, to)
+    console.print(f"guest memory of checkpoint {snap.short_id} → {to} (ELF core, {human_bytes(size)})", markup=False)
