@@ -19,48 +19,60 @@ import base64
 import shlex
 from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from hozon.chunking import ContentChunker
+from hozon.chunking import ContentChunker, Readable
 from hozon.errors import HozonError, QmpCommandError
 from hozon.repo.imagemap import encode_map, split_maps
 from hozon.repo.pack import DATA, MAP
 from hozon.repo.writer import BlobWriter
 from hozon.sources.qemu.qmp import QmpClient
-from hozon.sources.qemu.vmstate import StateCapture
 
 STATE_FORMAT = "qemu-migration"  # the stream as QEMU's migration writes it (background-snapshot)
 STATE_CHUNK_AVERAGE = 64 * 1024  # a guest dirties pages all over its memory: small chunks keep the rest shared
 MAX_IN_FLIGHT = 32
 
 
-def store_state(writer: BlobWriter, capture: StateCapture, seed: int,
-                progress: Callable[[int], None]) -> dict[str, Any]:
-    """Read the state stream to its end, store it, wait for QEMU to confirm it; the snapshot's ``state``."""
-    if capture.stream is None:
-        raise HozonError("the VM's state stream was not started")
-    futures: list[Future[bytes]] = []
-    lengths: list[int] = []
-    ids = bytearray()
-    try:
-        for chunk in ContentChunker(seed, STATE_CHUNK_AVERAGE).chunks(capture):
-            lengths.append(len(chunk))
-            futures.append(writer.submit(chunk, DATA))
-            progress(len(chunk))
-            if len(futures) >= MAX_IN_FLIGHT:
-                ids += b"".join(f.result() for f in futures)
-                futures.clear()
-        ids += b"".join(f.result() for f in futures)
-    except OSError as exc:
-        raise HozonError(f"reading the VM's state stream failed: {exc.strerror or exc}") from None
-    migration = capture.finish()
-    table = np.frombuffer(bytes(ids), np.uint8).reshape(-1, 32)
+@dataclass(frozen=True)
+class StoredStream:
+    ids: bytes  # 32 bytes per chunk, in stream order
+    lengths: list[int]
+
+
+def state_consumer(writer: BlobWriter, seed: int,
+                   progress: Callable[[int], None]) -> Callable[[Readable], StoredStream]:
+    """What reads the state stream (on StateCapture's thread): cut it by content and store every chunk."""
+
+    def consume(stream: Readable) -> StoredStream:
+        futures: list[Future[bytes]] = []
+        lengths: list[int] = []
+        ids = bytearray()
+        try:
+            for chunk in ContentChunker(seed, STATE_CHUNK_AVERAGE).chunks(stream):
+                lengths.append(len(chunk))
+                futures.append(writer.submit(chunk, DATA))
+                progress(len(chunk))
+                if len(futures) >= MAX_IN_FLIGHT:
+                    ids += b"".join(f.result() for f in futures)
+                    futures.clear()
+            ids += b"".join(f.result() for f in futures)
+        except OSError as exc:
+            raise HozonError(f"reading the VM's state stream failed: {exc.strerror or exc}") from None
+        return StoredStream(bytes(ids), lengths)
+
+    return consume
+
+
+def state_doc(writer: BlobWriter, stored: StoredStream, migration: dict[str, Any]) -> dict[str, Any]:
+    """The snapshot's ``state``: the stream's map blobs (stored now), chunk lengths, QEMU's figures."""
+    table = np.frombuffer(stored.ids, np.uint8).reshape(-1, 32)
     maps = [writer.store_blob(encode_map(part), MAP).hex() for part in split_maps(table)]
     return {
-        "format": STATE_FORMAT, "size": sum(lengths), "chunks": len(lengths), "maps": maps,
-        "lengths": base64.b64encode(np.asarray(lengths, "<u4").tobytes()).decode(),
+        "format": STATE_FORMAT, "size": sum(stored.lengths), "chunks": len(stored.lengths), "maps": maps,
+        "lengths": base64.b64encode(np.asarray(stored.lengths, "<u4").tobytes()).decode(),
         "ram_bytes": int(migration.get("ram", {}).get("total", 0)),
         "downtime_ms": migration.get("downtime"),
     }

@@ -28,7 +28,7 @@ import numpy as np
 import numpy.typing as npt
 
 from hozon import __version__
-from hozon.backup.checkpoint import describe_vm, store_state
+from hozon.backup.checkpoint import describe_vm, state_consumer, state_doc
 from hozon.errors import HozonError, UsageError
 from hozon.nbd import NbdClient
 from hozon.nbd.qemu_nbd import QemuNbd
@@ -302,20 +302,22 @@ def backup_vm(repo: Repository, options: ImageBackupOptions,
             if source:
                 source.share_scratch(workdir)
             quiesce = _quiesce(options, source)
-            capture = StateCapture(qmp) if options.checkpoint else None
+            writer = BlobWriter(repo)
+            stack.push(writer)  # its exit: flush on success, abort on error
+            capture = (StateCapture(qmp, state_consumer(writer, repo.master.chunker_seed, advance))
+                       if options.checkpoint else None)
             if capture is not None:
                 stack.callback(capture.close)
             point = PointInTime(qmp, disks, workdir, new_bitmap, since, quiesce=capture or quiesce)
             exports = stack.enter_context(point)
             if capture is not None:
                 stack.callback(capture.close)  # again (it is idempotent): stop the stream before the fleecing goes
-            writer = stack.enter_context(BlobWriter(repo))
             notes += quiesce.notes if quiesce else []
-            state = store_state(writer, capture, repo.master.chunker_seed, advance) if capture else None
-            for plan in plans:
+            for plan in plans:  # while the state streams in on the capture's thread
                 ids, bytes_read = _read_export(writer, exports[plan.disk.name], plan, advance)
                 maps = [writer.store_blob(encode_map(part), MAP).hex() for part in split_maps(ids)]
                 disk_docs.append(_disk_doc(plan, ids, maps, new_bitmap, bytes_read))
+            state = state_doc(writer, *capture.finish()) if capture else None
             writer.close()
             snapshot = _snapshot(name, options, parent, disk_docs, str(qmp.version), vm_config,
                                  point.pause_seconds, writer, started, source=source.kind if source else "qmp",

@@ -12,6 +12,7 @@ from rich.text import Text
 from hozon.cli.common import JsonOption, RepoOption, console, err_console, human_bytes, open_repo, print_json
 from hozon.errors import HozonError
 from hozon.repo import browse
+from hozon.repo.imagediff import ImageDiff, diff_images
 from hozon.repo.imagemap import image_disks
 from hozon.repo.snapshots import Snapshot
 from hozon.repo.tree import DIR, SYMLINK
@@ -105,9 +106,16 @@ def diff(
     repo: str | None = RepoOption,
     json_out: bool = JsonOption,
 ) -> None:
-    """Show what changed between two snapshots (+ added, - removed, M modified, U metadata, T type)."""
+    """Show what changed between two snapshots (+ added, - removed, M modified, U metadata, T type).
+
+    Between two image snapshots or checkpoints of one VM: each disk's changed regions (at its chunk
+    size) and bytes, and for two checkpoints how much of the memory changed.
+    """
     repository = open_repo(repo)
     a, b = repository.resolve_snapshot(first), repository.resolve_snapshot(second)
+    if a.tree is None or b.tree is None:
+        _render_image_diff(diff_images(repository, a, b), json_out)
+        return
     changes = list(browse.diff(repository, a.tree, b.tree))
     if json_out:
         print_json([{"change": c.kind, "path": c.path} for c in changes])
@@ -117,3 +125,31 @@ def diff(
     counts = {k: sum(1 for c in changes if c.kind == k) for k in "+-MUT"}
     console.print(f"{counts['+']} added, {counts['-']} removed, {counts['M']} modified, "
                   f"{counts['U']} metadata changed, {counts['T']} type changed")
+
+
+MAX_REGIONS_SHOWN = 20
+
+
+def _render_image_diff(result: ImageDiff, json_out: bool) -> None:
+    if json_out:
+        print_json({"disks": [{"name": d.name, "status": d.status, "size": d.size, "chunk_size": d.chunk_size,
+                               "changed_bytes": d.changed_bytes,
+                               "regions": [{"offset": o, "length": n} for o, n in d.regions]} for d in result.disks],
+                    "memory": None if result.memory is None else
+                    {"size": result.memory.size, "changed_bytes": result.memory.changed_bytes}})
+        return
+    for d in result.disks:
+        if d.status in ("added", "removed"):
+            console.print(f"disk {d.name}: {d.status} ({human_bytes(d.size)})", markup=False)
+            continue
+        console.print(f"disk {d.name}: {d.status}, {human_bytes(d.changed_bytes)} of {human_bytes(d.size)} in "
+                      f"{len(d.regions)} region(s) of {human_bytes(d.chunk_size)} chunks", markup=False)
+        for offset, length in d.regions[:MAX_REGIONS_SHOWN]:
+            console.print(f"  {offset:#014x}-{offset + length:#014x} {human_bytes(length)}", markup=False)
+        if len(d.regions) > MAX_REGIONS_SHOWN:
+            console.print(f"  … {len(d.regions) - MAX_REGIONS_SHOWN} more (--json lists all)", markup=False)
+    if result.memory is not None:
+        m = result.memory
+        share = m.changed_bytes / m.size if m.size else 0.0
+        console.print(f"memory: {human_bytes(m.changed_bytes)} of {human_bytes(m.size)} of state changed "
+                      f"({share:.0%})", markup=False)

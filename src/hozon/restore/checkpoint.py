@@ -135,7 +135,7 @@ def restore_checkpoint(repo: Repository, snapshot: Snapshot, to: str, start: boo
         command = resume_argv(point_disks_at(shlex.split(str(config)), images), incoming, paused)
     if not start or command is None:
         return CheckpointRestore(disks, str(state_path), command, fit.notes)
-    pid, status = _start(command, target / QEMU_LOG)
+    pid, status = _start(command, target / QEMU_LOG, paused)
     return CheckpointRestore(disks, str(state_path), command, fit.notes, pid, status)
 
 
@@ -185,7 +185,7 @@ def write_state(repo: Repository, snapshot: Snapshot, state: dict[str, Any], pat
         raise
 
 
-def _start(command: list[str], log: Path) -> tuple[int, str]:
+def _start(command: list[str], log: Path, paused: bool) -> tuple[int, str]:
     """Start the resuming QEMU detached, with a monitor of Hozon's own; wait until it loaded the state."""
     sockdir = Path(tempfile.mkdtemp(prefix="hozon-resume-"))
     monitor = sockdir / "qmp.sock"
@@ -197,6 +197,11 @@ def _start(command: list[str], log: Path) -> tuple[int, str]:
             raise HozonError(f"cannot start {argv[0]}: {exc.strerror or exc}") from None
     try:
         status = wait_loaded(proc, monitor, log)
+        if status == "paused" and not paused:
+            # The state says "paused": Hozon stopped the guest for the instant before QEMU saved it.
+            with QmpClient.connect(monitor) as qmp:
+                qmp.execute("cont")
+                status = str(qmp.execute("query-status").get("status"))
     except BaseException:
         proc.kill()
         proc.wait()

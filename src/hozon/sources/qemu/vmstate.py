@@ -11,22 +11,26 @@ quiesce=capture)``)::
 
 QEMU's ``background-snapshot`` migration capability saves the device state at once and then
 sends every RAM page as it was at that moment: a page the guest is about to overwrite is sent
-first (userfaultfd write protection), so the guest never waits for the whole stream. The stream
-goes into a pipe whose write end QEMU got over the monitor (``getfd``, SCM_RIGHTS; through
-libvirt, ``qemu-monitor-command --pass-fds``); Hozon reads the other end (:attr:`stream`) and
-stores it as it comes, so no file of the memory's size is ever written.
+first (userfaultfd write protection), and the writer waits until it is. The stream goes into a
+pipe whose write end QEMU got over the monitor (``getfd``, SCM_RIGHTS; through libvirt,
+``qemu-monitor-command --pass-fds``). A thread of Hozon's (the *consumer*, which stores the
+stream as it comes) reads the other end from the moment ``migrate`` is sent, whatever else
+Hozon does meanwhile: if nobody read, the pipe would fill, QEMU's migration thread would wait
+on it, and any write to guest memory would wait on that thread — QEMU's main loop included,
+which then answers no monitor command (seen here: the checkpoint hung while Hozon waited for
+``query-status``). No file of the memory's size is ever written.
 
 Why ``fd:`` rather than ``exec:cat > FIFO``: no shell and no FIFO in a directory QEMU's user
 must reach, and it works under libvirt, whose seccomp sandbox (``-sandbox …,spawn=deny``) stops
 QEMU from starting any program, ``exec:`` migration included.
 
 The guest is paused only from ``stop`` until QEMU runs it again (:attr:`pause_seconds`, a few
-ms here). Hozon must not send ``cont`` itself once the migration started: on QEMU 7.2 a ``cont``
-that races QEMU's own resume fails the snapshot ("failed to save SaveStateEntry … ram: -5") or
-hangs it, about one time in seven here. Hozon sends ``cont`` only when the transaction or the
-migration failed before QEMU resumed the guest. After the stream ended, :meth:`finish` waits for
-QEMU to report the migration complete; whatever happens, leaving turns the capability off again (it would change the next real
-migration of the VM) and cancels a migration still running.
+ms here). QEMU 7.2 resumes it itself once the RAM is write-protected (``bg_migration_vm_start_bh``
+calls ``vm_start``), so Hozon sends no ``cont`` after a ``migrate`` that started; it sends one
+only when the transaction or the migration failed first. :meth:`finish` waits for the consumer
+and for QEMU to report the migration complete; whatever happens, :meth:`close` turns the
+capability off again (it would change the next real migration of the VM) and cancels a
+migration still running.
 """
 
 from __future__ import annotations
@@ -35,10 +39,11 @@ import contextlib
 import fcntl
 import io
 import os
-import select
+import threading
 import time
+from collections.abc import Callable
 from types import TracebackType
-from typing import Any, Final
+from typing import Any, Final, Generic, TypeVar
 
 from hozon.errors import QmpCommandError, QmpError
 from hozon.sources.qemu.qmp import QmpClient
@@ -50,17 +55,20 @@ FINISH_TIMEOUT: Final = 60.0  # from the stream's end to QEMU's "completed"
 RESUME_TIMEOUT: Final = 10.0  # for QEMU to resume the guest after saving its device state
 STALL_CHECK: Final = 1.0  # a stream silent this long: ask QEMU whether the migration failed
 _DONE: Final = ("completed", "failed", "cancelled")
+T = TypeVar("T")
 
 
-class StateCapture:
+class StateCapture(Generic[T]):
     """Pauses the VM around the block (the disks' instant) and starts streaming its state at the end.
 
-    Once the block is left without error, read the stream with :meth:`readinto` to its end, then
-    call :meth:`finish`. :meth:`close` (or ``with capture:`` around all of it) cleans up in any case.
+    ``consume(stream)`` runs on a thread of its own from the moment the stream starts; it reads
+    the stream (``readinto``) to its end and returns what :meth:`finish` gives back. :meth:`close`
+    (or ``with``) cleans up in any case.
     """
 
-    def __init__(self, qmp: QmpClient) -> None:
+    def __init__(self, qmp: QmpClient, consume: Callable[[io.FileIO], T]) -> None:
         self.qmp = qmp
+        self.consume = consume
         self.pause_seconds = 0.0
         self.was_running = False
         self.stream: io.FileIO | None = None
@@ -68,10 +76,13 @@ class StateCapture:
         self._migrating = False
         self._capability = False
         self._closed = False
+        self._consumer: threading.Thread | None = None
+        self._result: T | None = None
+        self._error: BaseException | None = None
 
     # -- around the transaction (PointInTime's quiesce) ----------------------------------------
 
-    def __enter__(self) -> StateCapture:
+    def __enter__(self) -> StateCapture[T]:
         status = self.qmp.execute("query-status")
         if isinstance(status, dict) and status.get("status") in ("inmigrate", "postmigrate", "finish-migrate"):
             raise QmpError(f"the VM is being migrated (state {status['status']}); a checkpoint cannot be "
@@ -107,6 +118,8 @@ class StateCapture:
         finally:
             os.close(write_end)  # QEMU holds its own copy now: the stream ends when QEMU closes it
         self.stream = io.FileIO(read_end, "rb")
+        self._consumer = threading.Thread(target=self._consume, name="hozon-vmstate", daemon=True)
+        self._consumer.start()  # reading from now on: see the module's docstring
         self._migrating = True  # before asking: a command without an answer may still have run
         try:
             self.qmp.execute("migrate", {"uri": f"fd:{STATE_FD_NAME}"})
@@ -115,6 +128,13 @@ class StateCapture:
             with contextlib.suppress(QmpError):
                 self.qmp.execute("closefd", {"fdname": STATE_FD_NAME})
             raise
+
+    def _consume(self) -> None:
+        assert self.stream is not None
+        try:
+            self._result = self.consume(self.stream)
+        except BaseException as exc:  # raised in the caller by finish()
+            self._error = exc
 
     def _wait_resumed(self) -> None:
         """QEMU resumes the guest itself once its RAM is write-protected (``bg_migration_vm_start_bh``).
@@ -150,45 +170,48 @@ class StateCapture:
 
     # -- after the stream ----------------------------------------------------------------------
 
-    def readinto(self, buffer: memoryview) -> int:
-        """Read the next part of the stream (0 at its end); a migration that failed meanwhile raises.
+    def finish(self, timeout: float = FINISH_TIMEOUT) -> tuple[T, dict[str, Any]]:
+        """Wait for the consumer and for QEMU to call the migration complete.
 
-        QEMU may leave the pipe open after a failed migration, so a plain read could wait forever.
+        What ``consume`` returned, and QEMU's ``query-migrate`` answer. A migration that failed
+        (QEMU may then leave the pipe open, so the consumer would wait forever) or a consumer that
+        failed raises.
         """
-        if self.stream is None:
+        if self._consumer is None:
             raise QmpError("the VM's state stream was not started")
-        while not select.select([self.stream], [], [], STALL_CHECK)[0]:
-            info = self.qmp.execute("query-migrate")
-            if isinstance(info, dict) and info.get("status") in ("failed", "cancelled"):
-                self._migrating = False
-                raise QmpError(f"QEMU could not save the VM's state: {info.get('error-desc', info['status'])}")
-        return self.stream.readinto(buffer) or 0
-
-    def finish(self, timeout: float = FINISH_TIMEOUT) -> dict[str, Any]:
-        """Wait for QEMU to call the migration complete; its ``query-migrate`` answer. Raises if it failed."""
+        while self._consumer.is_alive():
+            self._consumer.join(STALL_CHECK)
+            if self._consumer.is_alive():
+                self._raise_if_failed()
+        if self._error is not None:
+            raise self._error
         deadline = time.monotonic() + timeout
         while True:
-            info = self.qmp.execute("query-migrate")
-            status = info.get("status") if isinstance(info, dict) else None
-            if status == "completed":
+            info = self._raise_if_failed()
+            if info.get("status") == "completed":
                 self._migrating = False
-                return dict(info)
-            if status in ("failed", "cancelled"):
-                self._migrating = False
-                detail = info.get("error-desc", status)
-                raise QmpError(f"QEMU could not save the VM's state: {detail}")
+                assert self._result is not None
+                return self._result, info
             if time.monotonic() > deadline:
                 raise QmpError(f"QEMU did not finish saving the VM's state within {timeout:g} s after the stream "
-                               f"ended (migration status {status})")
+                               f"ended (migration status {info.get('status')})")
             time.sleep(0.02)
+
+    def _raise_if_failed(self) -> dict[str, Any]:
+        info = self.qmp.execute("query-migrate")
+        info = dict(info) if isinstance(info, dict) else {}
+        if info.get("status") in ("failed", "cancelled"):
+            self._migrating = False
+            raise QmpError(f"QEMU could not save the VM's state: {info.get('error-desc', info['status'])}")
+        return info
 
     def close(self) -> None:
         """Cancel an unfinished stream, turn the capability off, close the pipe; safe to repeat."""
         if self._closed:
             return
         self._closed = True
-        if self.stream is not None:
-            self.stream.close()  # QEMU's writes now fail: the migration ends as failed
+        if self.stream is not None and self._consumer is not None and not self._consumer.is_alive():
+            self.stream.close()  # nobody reads any more: QEMU's writes fail rather than wait forever
         with contextlib.suppress(QmpError):
             if self._migrating:
                 self.qmp.execute("migrate_cancel")
@@ -197,6 +220,10 @@ class StateCapture:
                 self.qmp.execute("cont")  # a migration that failed while the VM was stopped leaves it so
             if self._capability:
                 self._set_capability(False)
+        if self._consumer is not None:
+            self._consumer.join(STALL_CHECK)  # it ends with the stream, or with the close below
+        if self.stream is not None:
+            self.stream.close()
 
     def _wait_migration_over(self) -> None:
         deadline = time.monotonic() + 10
