@@ -229,3 +229,47 @@ def test_image_diff_names_the_changed_regions_and_refusals_are_one_clear_sentenc
     assert mixed.returncode == 2 and "is a file snapshot" in mixed.stderr, mixed.stderr
     for run in (refused, refused_memory, no_vm, mixed):
         assert "Traceback" not in run.stderr
+
+
+def test_a_checkpoint_killed_mid_stream_leaves_the_vm_running_and_clean(
+        hozon: Hozon, qemu_vm: QemuVmFactory, tmp_path: Path) -> None:
+    vm, config = counting_guest(qemu_vm, tmp_path)
+    first, _, _ = checkpoint(hozon, vm, config)
+
+    proc = hozon.popen("vm", "checkpoint", "--qmp", str(vm.hozon_qmp_path), "--name", "counter",
+                       "--vm-config", str(config))
+    try:
+        with vm.monitor() as qmp:  # kill Hozon while the guest's memory streams into it
+            deadline = time.monotonic() + 60
+            while qmp.execute("query-migrate").get("status") != "active":
+                assert proc.poll() is None, "the checkpoint ended before it could be killed"
+                assert time.monotonic() < deadline, "the state never started streaming"
+                time.sleep(0.002)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+
+    with vm.monitor() as qmp:  # the guardian undoes what the killed Hozon left, within seconds
+        deadline = time.monotonic() + 30
+        while True:
+            jobs, exports = qmp.execute("query-block-jobs"), qmp.execute("query-block-exports")
+            nodes = [n["node-name"] for n in qmp.execute("query-named-block-nodes") if "hozon" in n["node-name"]]
+            caps = {c["capability"]: c["state"] for c in qmp.execute("query-migrate-capabilities")}
+            status = qmp.execute("query-status")["status"]
+            migration = qmp.execute("query-migrate").get("status")
+            if not (jobs or exports or nodes) and not caps["background-snapshot"] and status == "running" and \
+                    migration in ("completed", "failed", "cancelled"):  # the guardian drained the stream
+                break
+            assert time.monotonic() < deadline, (jobs, exports, nodes, caps, status, migration)
+            time.sleep(0.2)
+    assert vm.serial_log is not None
+    counted = len(ticks(vm.serial_log.read_text(errors="replace")))
+    guest.wait_for_serial(vm.serial_log, f"TICK {counted + 2}", timeout=30, alive=vm.running)  # it runs on
+
+    listed = json.loads(hozon("snapshots", "--json").stdout)
+    assert [s["id"] for s in listed] == [first["id"]]  # no partial checkpoint
+    checked = hozon("check", check=False)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    again, _, _ = checkpoint(hozon, vm, config)  # and the next one works, its disk still incremental
+    assert again["extra"]["disks"][0]["mode"] == "incremental"

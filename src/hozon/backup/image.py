@@ -41,8 +41,9 @@ from hozon.repo.writer import BlobWriter
 from hozon.sources.qemu import QmpClient
 from hozon.sources.qemu.disks import Disk, bitmaps, list_disks
 from hozon.sources.qemu.fleece import DiskExport, PointInTime, cleanup_leftovers
+from hozon.sources.qemu.guardian import Guardian
 from hozon.sources.qemu.guest_agent import FREEZE_TIMEOUT, GuestQuiesce
-from hozon.sources.qemu.vmstate import StateCapture
+from hozon.sources.qemu.vmstate import StateCapture, state_pipe
 
 CHUNK_SIZE = 1024 * 1024  # fixed, aligned to disk offsets: a changed block maps to one chunk
 READ_DEPTH = 4
@@ -56,6 +57,7 @@ class MonitorSource(Protocol):
 
     def connect(self) -> QmpClient: ...  # a session; backup_vm closes it
     def disks(self, qmp: QmpClient) -> list[Disk]: ...  # list_disks, named as the source names them
+    def monitor_args(self) -> list[str]: ...  # how a guardian reaches the monitor (hozon.sources.qemu.guardian)
     def share_scratch(self, workdir: Path) -> None: ...  # let QEMU create and open files in workdir
     def guest_quiesce(self, freeze_timeout: float) -> GuestQuiesce: ...  # a freeze through its own agent channel
     def snapshot_extra(self) -> dict[str, Any]: ...  # added to the snapshot's extra (domain_xml, …)
@@ -298,14 +300,18 @@ def backup_vm(repo: Repository, options: ImageBackupOptions,
         advance = _Progress(sum(p.disk.size for p in plans) + int(vm.get("memory_bytes") or 0), progress)
         disk_docs: list[dict[str, Any]] = []
         with contextlib.ExitStack() as stack:
+            monitor = source.monitor_args() if source else ["--qmp", os.path.abspath(options.qmp)]
+            pipe = state_pipe() if options.checkpoint else None  # the guardian holds its read end too
+            guardian = stack.enter_context(Guardian(monitor, bitmap_prefix(repo), sorted(keep),
+                                                    drain=pipe[0] if pipe else None))
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="hozon-", dir=scratch)))
             if source:
                 source.share_scratch(workdir)
             quiesce = _quiesce(options, source)
             writer = BlobWriter(repo)
             stack.push(writer)  # its exit: flush on success, abort on error
-            capture = (StateCapture(qmp, state_consumer(writer, repo.master.chunker_seed, advance))
-                       if options.checkpoint else None)
+            capture = (StateCapture(qmp, state_consumer(writer, repo.master.chunker_seed, advance), guardian.say,
+                                    pipe) if pipe else None)
             if capture is not None:
                 stack.callback(capture.close)
             point = PointInTime(qmp, disks, workdir, new_bitmap, since, quiesce=capture or quiesce)

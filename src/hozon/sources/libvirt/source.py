@@ -54,6 +54,10 @@ class LibvirtSource:
                            f"{', '.join(names)}")
         return disks
 
+    def monitor_args(self) -> list[str]:
+        """How a guardian (``hozon.sources.qemu.guardian``) reaches this domain's monitor."""
+        return ["--libvirt", self._session().domain.uuid, *(["--connect", self.uri] if self.uri else [])]
+
     def share_scratch(self, workdir: Path) -> None:
         self._session().share_directory(workdir)
 

@@ -53,9 +53,38 @@ CAPABILITY: Final = "background-snapshot"
 PIPE_SIZE: Final = 1 << 20  # fewer, larger reads of the stream
 FINISH_TIMEOUT: Final = 60.0  # from the stream's end to QEMU's "completed"
 RESUME_TIMEOUT: Final = 10.0  # for QEMU to resume the guest after saving its device state
+MIGRATION_TIMEOUT: Final = 600.0  # for an unfinished stream, drained, to end
 STALL_CHECK: Final = 1.0  # a stream silent this long: ask QEMU whether the migration failed
 _DONE: Final = ("completed", "failed", "cancelled")
 T = TypeVar("T")
+
+
+def state_pipe() -> tuple[int, int]:
+    """The pipe the state streams through: (read end, write end), a large buffer."""
+    read_end, write_end = os.pipe()
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+    return read_end, write_end
+
+
+def drain(fd: int) -> None:
+    """Read a state stream to its end and drop it, so that QEMU's migration thread never waits on it."""
+    with contextlib.suppress(OSError):
+        while os.read(fd, PIPE_SIZE):
+            pass
+
+
+def wait_migration_over(qmp: QmpClient, timeout: float) -> None:
+    """Until the migration is no longer running; cancelled once ``timeout`` has passed."""
+    deadline = time.monotonic() + timeout
+    cancelled = False
+    while qmp.execute("query-migrate").get("status") in ("setup", "active", "device", "cancelling"):
+        if time.monotonic() > deadline:
+            if cancelled:
+                raise QmpError("QEMU's state migration did not end, not even when cancelled")
+            qmp.execute("migrate_cancel")
+            cancelled, deadline = True, time.monotonic() + 10
+        time.sleep(0.02)
 
 
 class StateCapture(Generic[T]):
@@ -66,9 +95,11 @@ class StateCapture(Generic[T]):
     (or ``with``) cleans up in any case.
     """
 
-    def __init__(self, qmp: QmpClient, consume: Callable[[io.FileIO], T]) -> None:
+    def __init__(self, qmp: QmpClient, consume: Callable[[io.FileIO], T],
+                 tell: Callable[[str], None] = lambda _word: None, pipe: tuple[int, int] | None = None) -> None:
         self.qmp = qmp
         self.consume = consume
+        self.tell = tell  # "paused" / "resumed", for a guardian that resumes the guest if Hozon dies
         self.pause_seconds = 0.0
         self.was_running = False
         self.stream: io.FileIO | None = None
@@ -79,6 +110,7 @@ class StateCapture(Generic[T]):
         self._consumer: threading.Thread | None = None
         self._result: T | None = None
         self._error: BaseException | None = None
+        self._pipe = pipe  # (read end, write end), this object's to close; made when the stream starts if None
 
     # -- around the transaction (PointInTime's quiesce) ----------------------------------------
 
@@ -90,6 +122,7 @@ class StateCapture(Generic[T]):
         self._set_capability(True)
         self.was_running = bool(isinstance(status, dict) and status.get("running"))
         if self.was_running:
+            self.tell("paused")
             self._stopped_at = time.monotonic()
             self.qmp.execute("stop")
         return self
@@ -107,10 +140,9 @@ class StateCapture(Generic[T]):
             self._resume()
 
     def _start_stream(self) -> None:
-        read_end, write_end = os.pipe()
+        read_end, write_end = self._pipe or state_pipe()
+        self._pipe = None
         try:
-            with contextlib.suppress(OSError):
-                fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
             self.qmp.pass_fd(STATE_FD_NAME, write_end)
         except BaseException:
             os.close(read_end)
@@ -151,6 +183,7 @@ class StateCapture(Generic[T]):
             if isinstance(status, dict) and status.get("running"):
                 self.pause_seconds = time.monotonic() - self._stopped_at
                 self._stopped_at = None
+                self.tell("resumed")
                 return
             info = self.qmp.execute("query-migrate")
             over = isinstance(info, dict) and info.get("status") in _DONE
@@ -164,6 +197,7 @@ class StateCapture(Generic[T]):
             return
         try:
             self.qmp.execute("cont")
+            self.tell("resumed")
         finally:
             self.pause_seconds = time.monotonic() - self._stopped_at
             self._stopped_at = None
@@ -206,32 +240,33 @@ class StateCapture(Generic[T]):
         return info
 
     def close(self) -> None:
-        """Cancel an unfinished stream, turn the capability off, close the pipe; safe to repeat."""
+        """End an unfinished stream, turn the capability off, close the pipe; safe to repeat.
+
+        An unfinished stream is read to its end and dropped rather than cancelled: QEMU 7.2 stops
+        serving the guest's write faults as soon as a background snapshot fails or is cancelled,
+        before it lifts the write protection, and a guest write in between hangs QEMU. Only a
+        stream that does not end within ``MIGRATION_TIMEOUT`` is cancelled.
+        """
         if self._closed:
             return
         self._closed = True
         if self.stream is not None and self._consumer is not None and not self._consumer.is_alive():
-            self.stream.close()  # nobody reads any more: QEMU's writes fail rather than wait forever
+            stream = self.stream
+            threading.Thread(target=drain, args=(stream.fileno(),), name="hozon-vmstate-drain", daemon=True).start()
         with contextlib.suppress(QmpError):
             if self._migrating:
-                self.qmp.execute("migrate_cancel")
-                self._wait_migration_over()
+                wait_migration_over(self.qmp, MIGRATION_TIMEOUT)
             if self.was_running and self.qmp.execute("query-status").get("status") == "paused":
                 self.qmp.execute("cont")  # a migration that failed while the VM was stopped leaves it so
             if self._capability:
                 self._set_capability(False)
         if self._consumer is not None:
-            self._consumer.join(STALL_CHECK)  # it ends with the stream, or with the close below
+            self._consumer.join(STALL_CHECK)  # it ends with the stream
         if self.stream is not None:
             self.stream.close()
-
-    def _wait_migration_over(self) -> None:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            info = self.qmp.execute("query-migrate")
-            if not isinstance(info, dict) or info.get("status") in (*_DONE, None):
-                return
-            time.sleep(0.02)
+        for fd in self._pipe or ():  # never started
+            os.close(fd)
+        self._pipe = None
 
     def _set_capability(self, on: bool) -> None:
         try:
