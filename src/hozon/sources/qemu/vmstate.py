@@ -276,6 +276,7 @@ class StateCapture(Generic[T]):
             if on:
                 raise QmpError(f"QEMU cannot stream the VM's state in the background: {exc.desc}",
                                hint="checkpoints need QEMU 6.0 or newer on a kernel with userfaultfd write "
-                                    "protection (Linux 5.7+)") from None
+                                    "protection (Linux 5.7+); a QEMU that runs unprivileged (libvirt's) also "
+                                    "needs sysctl vm.unprivileged_userfaultfd=1") from None
             raise
         self._capability = on
