@@ -42,6 +42,7 @@ while true; do
 done
 """
 MEMORY_MIB = 128
+MAC = "52:54:00:12:34:56"
 
 
 def ticks(text: str) -> list[int]:
@@ -50,7 +51,8 @@ def ticks(text: str) -> list[int]:
 
 def counting_guest(qemu_vm: QemuVmFactory, tmp_path: Path) -> tuple[QemuVm, Path]:
     initrd = guest.build_initramfs(COUNTER)
-    vm = qemu_vm(disks=[("vda", "16M")], extra_args=guest.boot_args(initrd), paused=False, serial=True,
+    nic = ["-netdev", "user,id=net0", "-device", f"virtio-net-pci,netdev=net0,id=nic0,mac={MAC}"]
+    vm = qemu_vm(disks=[("vda", "16M")], extra_args=[*guest.boot_args(initrd), *nic], paused=False, serial=True,
                  memory=MEMORY_MIB)
     assert vm.serial_log is not None
     guest.wait_for_serial(vm.serial_log, "TICK 3", timeout=90, alive=vm.running)
@@ -103,6 +105,8 @@ def test_a_checkpoint_resumes_where_the_guest_was_and_exports_its_memory(
     assert state["ram_bytes"] >= MEMORY_MIB << 20  # guest RAM and the ROMs QEMU keeps in RAM blocks
     assert first["extra"]["machine"].startswith("pc-q35-") and first["extra"]["memory_bytes"] == MEMORY_MIB << 20
     assert 0 < summary["pause_ms"] < 2000, summary  # paused for the instant only, not for the stream
+    assert first["extra"]["interfaces"] == [{"name": "nic0", "mac": MAC}]
+    assert first["extra"]["netdevs"] == ["user,id=net0"] and first["extra"]["qemu_version"]
     with vm.monitor() as qmp:
         status = qmp.execute("query-status")
         assert status["status"] == "running", status
@@ -186,6 +190,17 @@ def test_a_checkpoint_resumes_where_the_guest_was_and_exports_its_memory(
     hozon("vm", "restore", first["id"], "--disk", "vda", "--to", str(disk), "--format", "raw")
     assert disk.read_bytes()[:20] == b"CHECKPOINT-DISK-MARK"
 
+    # Retention treats checkpoints like any snapshot; what is kept still restores.
+    hozon("forget", "--keep-last", "1", "--prune")
+    assert [s["id"] for s in json.loads(hozon("snapshots", "--json").stdout)] == [second["id"]]
+    checked = hozon("check", "--read-data", check=False)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    printed = hozon("vm", "checkpoint", "restore", "latest:counter", "--to", str(tmp_path / "kept")).stdout
+    assert (tmp_path / "kept" / "vmstate").stat().st_size == second["summary"]["state_bytes"]
+    command = shlex.split(printed.split("resume the VM with:\n", 1)[1])
+    assert command[-2:] == ["-incoming", f"exec:cat {tmp_path / 'kept' / 'vmstate'}"]
+    assert f"file.filename={tmp_path / 'kept' / 'vda.qcow2'}" in " ".join(command)
+
 
 def test_image_diff_names_the_changed_regions_and_refusals_are_one_clear_sentence(
         hozon: Hozon, qemu_vm: QemuVmFactory, tmp_path: Path) -> None:
@@ -216,6 +231,13 @@ def test_image_diff_names_the_changed_regions_and_refusals_are_one_clear_sentenc
     assert "disk vda: changed, 3.00 MiB of 16.00 MiB in 2 region(s)" in text, text
     assert "unchanged" in hozon("diff", second["id"], second["id"]).stdout
 
+    # A VM that was never started (-S) has no state to keep; QEMU 7.2 would abort on trying.
+    unstarted = hozon("vm", "checkpoint", "--qmp", str(vm.hozon_qmp_path), "--name", "plain", check=False)
+    assert unstarted.returncode == 1 and "the VM has not been started yet" in unstarted.stderr, unstarted.stderr
+    with vm.monitor() as qmp:
+        assert qmp.execute("query-status")["status"] == "prelaunch"
+        assert qmp.execute("query-block-jobs") == []
+
     refused = hozon("vm", "checkpoint", "restore", second["id"], "--to", str(tmp_path / "r"), check=False)
     assert refused.returncode == 2 and "is a vm snapshot, not a checkpoint" in refused.stderr, refused.stderr
     refused_memory = hozon("vm", "memory", second["id"], "--to", str(tmp_path / "m.elf"), check=False)
@@ -227,7 +249,7 @@ def test_image_diff_names_the_changed_regions_and_refusals_are_one_clear_sentenc
     hozon("backup", str(tmp_path / "data"))
     mixed = hozon("diff", first["id"], "latest", check=False)
     assert mixed.returncode == 2 and "is a file snapshot" in mixed.stderr, mixed.stderr
-    for run in (refused, refused_memory, no_vm, mixed):
+    for run in (unstarted, refused, refused_memory, no_vm, mixed):
         assert "Traceback" not in run.stderr
 
 

@@ -9,7 +9,8 @@ changes as little as it must:
 - :func:`resume_argv` feeds the saved state in (``-incoming``) and, for ``--paused``, adds ``-S``;
 - :func:`isolated_argv` is for a throwaway copy that must not touch what the original VM uses
   (memory export): no monitors, files or sockets of the original (serial ports and character
-  devices stay, connected to nothing), no display, networks replaced by an unconnected hub port.
+  devices stay, connected to nothing), no display, every network backend replaced by a user-mode
+  one that reaches nothing (``restrict=on``, no forwarded ports).
 
 QEMU option values are ``key=value`` lists separated by commas, a literal comma written twice.
 """
@@ -99,7 +100,7 @@ def isolated_argv(argv: Sequence[str]) -> list[str]:
             ident = next((p[3:] for p in split_options(out[i + 1]) if p.startswith("id=")), None)
             if ident is None:
                 raise HozonError(f"the saved command line has a {arg} without an id: {out[i + 1]}")
-            result += [arg, f"null,id={ident}" if arg == "-chardev" else f"hubport,id={ident},hubid=0"]
+            result += [arg, f"null,id={ident}" if arg == "-chardev" else f"user,id={ident},restrict=on"]
             i += 2
             continue
         result.append(arg)

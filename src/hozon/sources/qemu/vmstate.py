@@ -54,7 +54,7 @@ PIPE_SIZE: Final = 1 << 20  # fewer, larger reads of the stream
 FINISH_TIMEOUT: Final = 60.0  # from the stream's end to QEMU's "completed"
 RESUME_TIMEOUT: Final = 10.0  # for QEMU to resume the guest after saving its device state
 MIGRATION_TIMEOUT: Final = 600.0  # for an unfinished stream, drained, to end
-STALL_CHECK: Final = 1.0  # a stream silent this long: ask QEMU whether the migration failed
+STALL_CHECK: Final = 1.0  # while the consumer reads, ask QEMU this often whether the migration failed
 _DONE: Final = ("completed", "failed", "cancelled")
 T = TypeVar("T")
 
@@ -116,6 +116,10 @@ class StateCapture(Generic[T]):
 
     def __enter__(self) -> StateCapture[T]:
         status = self.qmp.execute("query-status")
+        if isinstance(status, dict) and status.get("status") == "prelaunch":
+            # QEMU 7.2's background snapshot would then abort QEMU ("invalid runstate transition")
+            raise QmpError("the VM has not been started yet (QEMU -S): there is no running state to keep",
+                           hint="start it first (QMP cont), or back up its disks with: hozon vm backup")
         if isinstance(status, dict) and status.get("status") in ("inmigrate", "postmigrate", "finish-migrate"):
             raise QmpError(f"the VM is being migrated (state {status['status']}); a checkpoint cannot be "
                            "taken now")
@@ -175,12 +179,13 @@ class StateCapture(Generic[T]):
         protected (QEMU 7.2 then fails the snapshot, or hangs): so wait, and send one only if the
         migration ended without resuming it.
         """
-        if self._stopped_at is None:
-            return
         deadline = time.monotonic() + RESUME_TIMEOUT
         while True:
             status = self.qmp.execute("query-status")
             if isinstance(status, dict) and status.get("running"):
+                if self._stopped_at is None:  # paused before the checkpoint: QEMU 7.2 ran it all the same
+                    self.qmp.execute("stop")
+                    return
                 self.pause_seconds = time.monotonic() - self._stopped_at
                 self._stopped_at = None
                 self.tell("resumed")
@@ -188,7 +193,7 @@ class StateCapture(Generic[T]):
             info = self.qmp.execute("query-migrate")
             over = isinstance(info, dict) and info.get("status") in _DONE
             if over or time.monotonic() > deadline:
-                self._resume()
+                self._resume()  # nothing when the guest was paused before
                 return
             time.sleep(0.001)
 
