@@ -100,12 +100,13 @@ def libvirtd() -> Iterator[str]:
     """A libvirt daemon answering on qemu:///system: the running one, or one started here."""
     if shutil.which("virsh") is None or shutil.which("libvirtd") is None:
         _unavailable("libvirt is not installed (Debian: libvirt-daemon-system libvirt-clients)")
+    if os.geteuid() == 0:
+        _give_kvm_to_group_kvm()  # also for a running daemon: something may have changed /dev/kvm since
     if _libvirt_answers():
         yield URI
         return
     if os.geteuid() != 0:
         _unavailable("no libvirtd is running on qemu:///system, and only root can start one")
-    _give_kvm_to_group_kvm()
     started: list[int] = []
     for daemon, pidfile in (("virtlogd", "/run/virtlogd.pid"), ("libvirtd", "/run/libvirtd.pid")):
         if _daemon_pid(pidfile) is None:
