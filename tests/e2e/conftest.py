@@ -24,6 +24,18 @@ from hozon.sources.qemu import QmpClient
 
 QEMU = "qemu-system-x86_64"
 
+# Marks for a module whose tests boot the tiny real guest (tests/guest.py): ``pytestmark = [timeout, *NEEDS_GUEST]``.
+NEEDS_GUEST = [
+    pytest.mark.skipif(
+        shutil.which("qemu-system-x86_64") is None or shutil.which("qemu-img") is None,
+        reason="needs qemu-system-x86_64 and qemu-img (Debian qemu-system-x86, qemu-utils); CI installs them",
+    ),
+    pytest.mark.skipif(
+        shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None,
+        reason="the test guest is built from Debian packages (apt-get download, dpkg-deb); CI runs on Debian",
+    ),
+]
+
 
 @dataclass(frozen=True)
 class QemuDisk:

@@ -7,7 +7,6 @@ the bitmap recorded is checked through QMP.
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 from tests import guest
+from tests.e2e.conftest import NEEDS_GUEST
 
 if TYPE_CHECKING:
     from conftest import QemuVm, QemuVmFactory
@@ -23,14 +23,7 @@ KiB = 1024
 
 pytestmark = [
     pytest.mark.timeout(180),
-    pytest.mark.skipif(
-        shutil.which("qemu-system-x86_64") is None or shutil.which("qemu-img") is None,
-        reason="needs qemu-system-x86_64 and qemu-img (Debian qemu-system-x86, qemu-utils); CI installs them",
-    ),
-    pytest.mark.skipif(
-        shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None,
-        reason="the test guest is built from Debian packages (apt-get download, dpkg-deb); CI runs on Debian",
-    ),
+    *NEEDS_GUEST,
 ]
 
 

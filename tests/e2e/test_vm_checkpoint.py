@@ -12,7 +12,6 @@ import json
 import os
 import re
 import shlex
-import shutil
 import signal
 import struct
 import time
@@ -22,11 +21,11 @@ from typing import Any
 import pytest
 from tests import guest
 from tests.conftest import Hozon
-from tests.e2e.conftest import QemuVm, QemuVmFactory
+from tests.e2e.conftest import NEEDS_GUEST, QemuVm, QemuVmFactory
 
 pytestmark = [
     pytest.mark.timeout(300),
-    pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="needs qemu-system-x86_64 (CI installs it)"),
+    *NEEDS_GUEST,
 ]
 
 MARKER = "HOZON-MEMORY-MARKER-42"

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from tests import guest
 from tests.conftest import Hozon
+from tests.e2e.conftest import NEEDS_GUEST
 
 if TYPE_CHECKING:
     from tests.e2e.conftest import QemuVm, QemuVmFactory
@@ -44,14 +44,7 @@ MAX_RECORDS = SLOTS * SLOT_RECORDS
 
 pytestmark = [
     pytest.mark.timeout(240),
-    pytest.mark.skipif(
-        shutil.which("qemu-system-x86_64") is None or shutil.which("qemu-img") is None,
-        reason="needs qemu-system-x86_64 and qemu-img (Debian qemu-system-x86, qemu-utils); CI installs them",
-    ),
-    pytest.mark.skipif(
-        shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None,
-        reason="the test guest is built from Debian packages (apt-get download, dpkg-deb); CI runs on Debian",
-    ),
+    *NEEDS_GUEST,
 ]
 
 # Ten doublings of "REC <i>\n" (6 bytes or more) fill more than 4 KiB; dd takes the first 4 KiB.

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from tests import guest
 from tests.conftest import Hozon
+from tests.e2e.conftest import NEEDS_GUEST
 
 if TYPE_CHECKING:
     from tests.e2e.conftest import QemuVm, QemuVmFactory
@@ -37,14 +38,7 @@ FREEZE_TIMEOUT = 10  # Hozon's default
 
 pytestmark = [
     pytest.mark.timeout(120),
-    pytest.mark.skipif(
-        shutil.which("qemu-system-x86_64") is None or shutil.which("qemu-img") is None,
-        reason="needs qemu-system-x86_64 and qemu-img (Debian qemu-system-x86, qemu-utils); CI installs them",
-    ),
-    pytest.mark.skipif(
-        shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None,
-        reason="the test guest is built from Debian packages (apt-get download, dpkg-deb); CI runs on Debian",
-    ),
+    *NEEDS_GUEST,
 ]
 
 # A stand-in for qemu-ga. Reading the port while no client is connected on the host gives end of

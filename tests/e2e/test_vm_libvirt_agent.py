@@ -34,6 +34,7 @@ import pytest
 from tests import guest
 from tests.conftest import Hozon
 from tests.e2e import test_vm_libvirt as libvirt_tests
+from tests.e2e.conftest import NEEDS_GUEST
 from tests.e2e.test_vm_guest_agent import RESPONDER, restored_marks, sector
 from tests.e2e.test_vm_libvirt import URI, DomainFactory, virsh
 
@@ -47,14 +48,7 @@ MiB = 1 << 20
 
 pytestmark = [
     pytest.mark.timeout(120),
-    pytest.mark.skipif(
-        shutil.which("qemu-system-x86_64") is None or shutil.which("qemu-img") is None,
-        reason="needs qemu-system-x86_64 and qemu-img (Debian qemu-system-x86, qemu-utils); CI installs them",
-    ),
-    pytest.mark.skipif(
-        shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None,
-        reason="the test guest is built from Debian packages (apt-get download, dpkg-deb); CI runs on Debian",
-    ),
+    *NEEDS_GUEST,
 ]
 
 
