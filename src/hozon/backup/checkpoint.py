@@ -87,14 +87,16 @@ def describe_vm(qmp: QmpClient, vm_config: str | None) -> dict[str, Any]:
     interfaces = [{"name": n.get("name"), "mac": n.get("main-mac")} for n in nics or [] if isinstance(n, dict)]
     argv = shlex.split(vm_config) if vm_config else []
     backends = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg in ("-netdev", "-nic")]
-    return {
+    described = {
         "machine": str(machine).removesuffix("-machine") if machine else None,
-        "qemu_binary": argv[0] if argv else None,
         "memory_bytes": memory.get("base-memory") if isinstance(memory, dict) else None,
         "cpus": len(cpus) if isinstance(cpus, list) else None,
         "interfaces": interfaces,
         "netdevs": backends,
     }
+    if argv:  # a libvirt source names the binary itself (its <emulator>)
+        described["qemu_binary"] = argv[0]
+    return described
 
 
 def _ask(qmp: QmpClient, command: str, arguments: dict[str, Any] | None = None) -> Any:

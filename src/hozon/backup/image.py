@@ -60,7 +60,7 @@ class MonitorSource(Protocol):
     def monitor_args(self) -> list[str]: ...  # how a guardian reaches the monitor (hozon.sources.qemu.guardian)
     def share_scratch(self, workdir: Path) -> None: ...  # let QEMU create and open files in workdir
     def guest_quiesce(self, freeze_timeout: float) -> GuestQuiesce: ...  # a freeze through its own agent channel
-    def snapshot_extra(self) -> dict[str, Any]: ...  # added to the snapshot's extra (domain_xml, …)
+    def snapshot_extra(self, checkpoint: bool) -> dict[str, Any]: ...  # added to the snapshot's extra (domain_xml, …)
 
 
 @dataclass
@@ -327,13 +327,14 @@ def backup_vm(repo: Repository, options: ImageBackupOptions,
             writer.close()
             snapshot = _snapshot(name, options, parent, disk_docs, str(qmp.version), vm_config,
                                  point.pause_seconds, writer, started, source=source.kind if source else "qmp",
-                                 source_extra=source.snapshot_extra() if source else None)
+                                 source_extra=source.snapshot_extra(options.checkpoint) if source else None)
             if quiesce is not None:
                 snapshot.extra.update(consistency=quiesce.consistency,
                                       frozen_filesystems=quiesce.frozen_filesystems)
                 snapshot.summary["frozen_ms"] = round(quiesce.frozen_seconds * 1000, 1)
             if capture is not None and state is not None:
                 snapshot.kind = "checkpoint"
+                state["was_running"] = capture.was_running
                 snapshot.extra.update(state=state, consistency="checkpoint", **vm)
                 snapshot.summary.update(pause_ms=round(capture.pause_seconds * 1000, 1),
                                         transaction_ms=snapshot.summary["pause_ms"], state_bytes=state["size"])

@@ -61,21 +61,33 @@ def checkpoint_restore(
     to: str = typer.Option(..., "--to", help="Directory for the disks (thin) and the state."),
     start: bool = typer.Option(False, "--start", help="Resume the VM right away from its saved command line."),
     paused: bool = typer.Option(False, "--paused", help="With --start: load the state but keep the VM paused."),
+    copy_name: str = typer.Option(None, "--as", help="libvirt checkpoints: resume a copy called NAME beside the "
+                                                     "original (new UUID, network links down)."),
+    connect: str = typer.Option(None, "--connect", help="libvirt checkpoints: the libvirt URI to resume in "
+                                                        "(default: the one the checkpoint was taken from)."),
     repo: str | None = RepoOption,
 ) -> None:
-    """Restore a checkpoint's disks and state; print (or, with --start, run) the command that resumes the VM."""
+    """Restore a checkpoint's disks and state; print (or, with --start, run) the command that resumes the VM.
+
+    A checkpoint of a libvirt domain resumes through libvirt (virsh restore): as the domain
+    itself, which must be stopped or undefined, or with --as NAME as a copy beside it.
+    """
     if paused and not start:
         raise UsageError("--paused goes with --start")
     with locked_repo(repo, SHARED, "vm checkpoint restore") as repository:
         snap = repository.resolve_snapshot(snapshot)
-        restored = restore_checkpoint(repository, snap, to, start, paused)
+        restored = restore_checkpoint(repository, snap, to, start, paused, copy_name=copy_name, uri=connect)
     for note in restored.notes:
         err_console.print(f"note: {note}", markup=False, soft_wrap=True)
     for d in restored.disks:
         console.print(f"disk {d.name} → {d.path} ({d.format}, {human_bytes(d.size)}, "
                       f"{human_bytes(d.bytes_written)} written)", markup=False)
     console.print(f"state → {restored.state_path}", markup=False)
-    if restored.pid is not None:
+    if restored.domain is not None:
+        how = "paused (virsh resume to run it)" if restored.status == "paused" else restored.status
+        console.print(f"VM {snap.extra.get('vm')} resumed from checkpoint {snap.short_id} as libvirt domain "
+                      f"{restored.domain}: {how}", markup=False)
+    elif restored.pid is not None:
         how = "paused (send 'cont' on its monitor to run it)" if restored.status == "paused" else restored.status
         console.print(f"VM {snap.extra.get('vm')} resumed from checkpoint {snap.short_id}: QEMU pid {restored.pid}, "
                       f"{how}", markup=False)
@@ -91,10 +103,12 @@ def checkpoint_restore(
 def vm_memory(
     snapshot: str = typer.Argument(..., help="Checkpoint id, prefix, or 'latest:VM'."),
     to: str = typer.Option(..., "--to", help="The ELF core file to write."),
+    connect: str = typer.Option(None, "--connect", help="libvirt checkpoints: the libvirt URI that loads the "
+                                                        "state (default: the one the checkpoint was taken from)."),
     repo: str | None = RepoOption,
 ) -> None:
     """Export a checkpoint's guest physical memory as an ELF core file (for memory forensics)."""
     with locked_repo(repo, SHARED, "vm memory") as repository:
         snap = repository.resolve_snapshot(snapshot)
-        size = export_memory(repository, snap, to)
+        size = export_memory(repository, snap, to, uri=connect)
     console.print(f"guest memory of checkpoint {snap.short_id} → {to} (ELF core, {human_bytes(size)})", markup=False)

@@ -9,9 +9,16 @@
 and prints the command that resumes the VM: the saved command line (``--vm-config``) with the
 disks pointed at the restored images and ``-incoming "exec:cat DIR/vmstate"``. With ``start`` it
 runs that command itself (detached; QEMU's output goes to ``DIR/qemu.log``) and waits until QEMU
-has loaded the state. Before anything is written, :func:`compatibility` compares this host's
-QEMU with the one that took the checkpoint: a missing binary or machine type, or an older QEMU,
-stops the restore; another version of the same machine type is a note.
+has loaded the state.
+
+A checkpoint of a libvirt domain resumes through libvirt instead: its state is written as
+``vmstate.save``, a libvirt save image whose domain XML has the disks pointed at the restored
+images (``hozon.sources.libvirt.saveimage``), and the command is ``virsh restore``: the domain
+itself (stopped or undefined), or with ``copy_name`` a copy beside it.
+
+Before anything is written, :func:`compatibility` compares this host's QEMU with the one that took
+the checkpoint: a missing binary or machine type, or an older QEMU, stops the restore; another
+version of the same machine type is a note.
 """
 
 from __future__ import annotations
@@ -39,10 +46,22 @@ from hozon.repo.imagemap import decode_map, image_disks, map_ids
 from hozon.repo.repository import Repository
 from hozon.repo.snapshots import Snapshot
 from hozon.restore.image import DiskRestore, restore_image
+from hozon.sources.libvirt.define import RestoredDisk, reachability_notes
+from hozon.sources.libvirt.saveimage import (
+    check_resumable,
+    identity,
+    restore,
+    restore_args,
+    resume_definition,
+    save_header,
+    state_of,
+)
+from hozon.sources.libvirt.virsh import Virsh
 from hozon.sources.qemu.cmdline import point_disks_at, resume_argv
 from hozon.sources.qemu.qmp import QmpClient
 
 STATE_FILE = "vmstate"
+SAVE_IMAGE = "vmstate.save"  # a libvirt checkpoint's state, with libvirt's header in front
 QEMU_LOG = "qemu.log"
 DEFAULT_QEMU = "qemu-system-x86_64"
 LOAD_TIMEOUT = 300.0  # for QEMU to load the state
@@ -63,6 +82,7 @@ class CheckpointRestore:
     notes: list[str]
     pid: int | None = None  # the QEMU started with ``start``
     status: str | None = None  # its run state once the state was loaded ("running", "paused")
+    domain: str | None = None  # the libvirt domain resumed with ``start``
 
 
 def checkpoint_of(snapshot: Snapshot) -> dict[str, Any]:
@@ -100,21 +120,88 @@ def compatibility(snapshot: Snapshot) -> Compatibility:
     return result
 
 
+def libvirt_description(snapshot: Snapshot) -> str | None:
+    """The domain XML a libvirt checkpoint resumes with; None for a checkpoint taken through QMP."""
+    if snapshot.extra.get("source") != "libvirt":
+        return None
+    xml = snapshot.extra.get("running_xml") or snapshot.extra.get("domain_xml")  # older ones: the definition
+    return str(xml) if xml else None
+
+
+def libvirt_of(snapshot: Snapshot, uri: str | None) -> Virsh:
+    """The libvirt to resume a libvirt checkpoint in: ``uri``, or the one it was taken from."""
+    recorded = snapshot.extra.get("libvirt")
+    return Virsh(uri or (recorded.get("uri") if isinstance(recorded, dict) else None))
+
+
+@dataclass(frozen=True)
+class _LibvirtResume:
+    """Where and as what a libvirt checkpoint resumes: the domain itself, or the copy ``copy_name``."""
+
+    virsh: Virsh
+    domain_xml: str
+    domain: str  # the name it resumes as
+    copy_name: str | None
+    persistent: bool  # a stopped, defined domain takes the state; otherwise it resumes as a transient one
+
+    @classmethod
+    def check(cls, snapshot: Snapshot, domain_xml: str, copy_name: str | None, uri: str | None,
+              start: bool) -> _LibvirtResume:
+        """Fail now, before anything is written, if libvirt would refuse to resume it."""
+        virsh = libvirt_of(snapshot, uri)
+        name, uuid = identity(domain_xml)
+        domain = copy_name or name
+        persistent = False
+        if start or copy_name:
+            persistent = check_resumable(virsh, domain, "" if copy_name else uuid)
+        return cls(virsh, domain_xml, domain, copy_name, persistent)
+
+    def resume(self, repo: Repository, snapshot: Snapshot, state: dict[str, Any], disks: list[DiskRestore],
+               save_image: Path, start: bool, paused: bool, notes: list[str]) -> CheckpointRestore:
+        """Write the save image for the restored disks; with ``start``, resume it."""
+        restored = [RestoredDisk(d.name, str(Path(d.path).absolute()), d.format) for d in disks]
+        xml, changes = resume_definition(self.domain_xml, restored, self.copy_name, str(save_image.parent))
+        notes = notes + changes + reachability_notes(restored)
+        write_state(repo, snapshot, state, save_image, save_header(xml, bool(state.get("was_running", True))))
+        path = str(save_image.absolute())
+        command = self.virsh.command(*restore_args(path, paused if start else None))
+        if not start:
+            return CheckpointRestore(disks, str(save_image), command, notes)
+        restore(self.virsh, path, paused, f"resume checkpoint {snapshot.short_id} as domain {self.domain}")
+        if self.persistent:
+            notes.append(f"{self.domain} runs on the restored images, but its definition still names its old disks "
+                         "for its next start; virsh edit it to keep the restored ones")
+        else:
+            notes.append(f"{self.domain} is a transient domain, which libvirt forgets when it stops; keep it with: "
+                         f"virsh dumpxml {self.domain} > {self.domain}.xml && virsh define {self.domain}.xml")
+        return CheckpointRestore(disks, str(save_image), command, notes, status=state_of(self.virsh, self.domain),
+                                 domain=self.domain)
+
+
 def restore_checkpoint(repo: Repository, snapshot: Snapshot, to: str, start: bool = False, paused: bool = False,
-                       progress: Callable[[int, int], None] | None = None) -> CheckpointRestore:
-    """Restore the disks and state of ``snapshot`` into the directory ``to``; with ``start``, resume the VM."""
+                       progress: Callable[[int, int], None] | None = None, copy_name: str | None = None,
+                       uri: str | None = None) -> CheckpointRestore:
+    """Restore the disks and state of ``snapshot`` into the directory ``to``; with ``start``, resume the VM.
+
+    ``copy_name`` and ``uri`` are for libvirt checkpoints: resume a copy of that name, in that libvirt.
+    """
     state = checkpoint_of(snapshot)
+    domain_xml = libvirt_description(snapshot)
+    if (copy_name or uri) and domain_xml is None:
+        raise UsageError(f"checkpoint {snapshot.short_id} was taken through QMP, not libvirt; --as and --connect "
+                         "are for libvirt checkpoints")
     fit = compatibility(snapshot)
     if fit.problems:
         raise HozonError(f"checkpoint {snapshot.short_id} cannot resume on this host: {fit.problems[0]}",
                          hint="; ".join(fit.problems[1:]) or None)
     config = snapshot.extra.get("vm_config")
-    if start and not config:
+    if start and not config and domain_xml is None:
         raise UsageError(f"checkpoint {snapshot.short_id} kept no QEMU command line, so Hozon cannot start it",
                          hint="take checkpoints with --vm-config FILE; restore without --start meanwhile")
+    libvirt = _LibvirtResume.check(snapshot, domain_xml, copy_name, uri, start) if domain_xml else None
     target = Path(to)
     target.mkdir(parents=True, exist_ok=True)
-    state_path = target / STATE_FILE
+    state_path = target / (SAVE_IMAGE if libvirt else STATE_FILE)
     metadata = target / f"checkpoint-{snapshot.short_id}.json"
     for path in (state_path, metadata):
         if path.exists():
@@ -127,8 +214,10 @@ def restore_checkpoint(repo: Repository, snapshot: Snapshot, to: str, start: boo
         disks += restore_image(repo, snapshot, str(path), str(disk["name"]), fmt, progress)
         if disk.get("filename"):
             images[str(disk["filename"])] = str(path.absolute())
-    write_state(repo, snapshot, state, state_path)
     metadata.write_text(json.dumps(snapshot.listing(), indent=2, sort_keys=True) + "\n")
+    if libvirt:
+        return libvirt.resume(repo, snapshot, state, disks, state_path, start, paused, fit.notes)
+    write_state(repo, snapshot, state, state_path)
     command = None
     if config:
         incoming = "exec:cat " + shlex.quote(str(state_path.absolute()))
@@ -167,11 +256,12 @@ def _checked(index: int, future: Future[bytes], lengths: np.ndarray[Any, Any], w
     return data
 
 
-def write_state(repo: Repository, snapshot: Snapshot, state: dict[str, Any], path: Path) -> None:
-    """The state stream into a new file ``path`` (as ``path.partial`` until complete)."""
+def write_state(repo: Repository, snapshot: Snapshot, state: dict[str, Any], path: Path, header: bytes = b"") -> None:
+    """The state stream, after ``header``, into a new file ``path`` (as ``path.partial`` until complete)."""
     partial = path.with_name(path.name + ".partial")
     try:
         with partial.open("xb") as out:
+            out.write(header)
             for chunk in state_chunks(repo, snapshot, state):
                 out.write(chunk)
             out.flush()

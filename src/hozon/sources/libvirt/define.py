@@ -77,15 +77,7 @@ def check_name_free(name: str, uri: str | None = None) -> None:
 
 def copy_definition(domain_xml: str, name: str, disks: list[RestoredDisk]) -> tuple[str, list[str]]:
     """The definition of a copy called ``name`` whose disks are the restored images; notes for the user."""
-    namespaces = _namespaces(domain_xml)
-    for prefix, uri in namespaces.items():
-        ET.register_namespace(prefix, uri)  # keep <qemu:commandline> and <metadata> prefixes as they were
-    try:
-        root = ET.fromstring(domain_xml)
-    except ET.ParseError as exc:
-        raise HozonError(f"the libvirt definition in the snapshot is not well-formed XML: {exc}") from None
-    if root.tag != "domain":
-        raise HozonError(f"the libvirt definition in the snapshot is a <{root.tag}>, not a <domain>")
+    root = parse_domain(domain_xml)
     notes: list[str] = []
 
     name_element = root.find("name")
@@ -97,38 +89,12 @@ def copy_definition(domain_xml: str, name: str, disks: list[RestoredDisk]) -> tu
     for element in root.findall("title"):
         element.text = f"{element.text or ''} (restored copy)".strip()
 
-    restored = {d.name: d for d in disks}
-    devices = root.find("devices")
-    attached: set[str] = set()
-    for disk in devices.findall("disk") if devices is not None else []:
-        target = disk.find("target")
-        dev = target.get("dev", "") if target is not None else ""
-        image = restored.get(dev)
-        if image is None or disk.get("device", "disk") not in _DISK_DEVICES:
-            if disk.get("device", "disk") in _DISK_DEVICES:
-                notes.append(f"disk {dev or '(no target)'} is not in the snapshot; the copy uses it as the "
-                             "original does")
-            continue
-        _point_at(disk, image)
-        attached.add(dev)
-    for image in disks:
-        if image.name not in attached:
-            notes.append(f"disk {image.name} was restored to {image.path} but the definition has no disk with "
-                         f"target {image.name} (attached to the running VM only?); attach it with virsh attach-disk")
-
-    for interface in devices.findall("interface") if devices is not None else []:
+    notes += point_disks_at(root, disks)
+    for interface in root.iterfind("devices/interface"):
         for mac in interface.findall("mac"):
             interface.remove(mac)
-    os_element = root.find("os")
-    if os_element is not None:
-        for nvram in os_element.findall("nvram"):
-            os_element.remove(nvram)
-            notes.append("the UEFI variables of the original are not in the snapshot; the copy starts with "
-                         "fresh ones from the firmware's template")
-
-    out = io.StringIO()
-    ET.ElementTree(root).write(out, encoding="unicode")
-    return out.getvalue() + "\n", notes
+    notes += drop_nvram(root)
+    return format_domain(root), notes
 
 
 def define_copy(domain_xml: str, name: str, disks: list[RestoredDisk], uri: str | None = None) -> Defined:
@@ -147,8 +113,82 @@ def define_copy(domain_xml: str, name: str, disks: list[RestoredDisk], uri: str 
     finally:
         os.unlink(path)
     uuid = virsh.run(["domuuid", "--", name], f"look up domain {name}").strip()
-    notes += _reachability_notes(disks)
+    notes += reachability_notes(disks)
     return Defined(name, uuid, xml, notes)
+
+
+def parse_domain(domain_xml: str) -> ET.Element:
+    """The ``<domain>`` element of a definition a snapshot kept, its namespace prefixes registered."""
+    for prefix, uri in _namespaces(domain_xml).items():
+        ET.register_namespace(prefix, uri)  # keep <qemu:commandline> and <metadata> prefixes as they were
+    try:
+        root = ET.fromstring(domain_xml)
+    except ET.ParseError as exc:
+        raise HozonError(f"the libvirt definition in the snapshot is not well-formed XML: {exc}") from None
+    if root.tag != "domain":
+        raise HozonError(f"the libvirt definition in the snapshot is a <{root.tag}>, not a <domain>")
+    return root
+
+
+def format_domain(root: ET.Element) -> str:
+    out = io.StringIO()
+    ET.ElementTree(root).write(out, encoding="unicode")
+    return out.getvalue() + "\n"
+
+
+def point_disks_at(root: ET.Element, disks: list[RestoredDisk]) -> list[str]:
+    """Point each disk of the definition that was restored at its image; notes on the disks that do not match."""
+    notes: list[str] = []
+    restored = {d.name: d for d in disks}
+    attached: set[str] = set()
+    for disk in root.iterfind("devices/disk"):
+        target = disk.find("target")
+        dev = target.get("dev", "") if target is not None else ""
+        image = restored.get(dev)
+        if image is None or disk.get("device", "disk") not in _DISK_DEVICES:
+            if disk.get("device", "disk") in _DISK_DEVICES:
+                notes.append(f"disk {dev or '(no target)'} is not in the snapshot; the copy uses it as the "
+                             "original does")
+            continue
+        _point_at(disk, image)
+        attached.add(dev)
+    for image in disks:
+        if image.name not in attached:
+            notes.append(f"disk {image.name} was restored to {image.path} but the definition has no disk with "
+                         f"target {image.name} (attached to the running VM only?); attach it with virsh attach-disk")
+    return notes
+
+
+def drop_nvram(root: ET.Element) -> list[str]:
+    """Drop the original's UEFI variable store: a copy must not write it (libvirt makes a fresh one)."""
+    notes: list[str] = []
+    for os_element in root.findall("os"):
+        for nvram in os_element.findall("nvram"):
+            os_element.remove(nvram)
+            notes.append("the UEFI variables of the original are not in the snapshot; the copy starts with "
+                         "fresh ones from the firmware's template")
+    return notes
+
+
+def reachability_notes(disks: list[RestoredDisk]) -> list[str]:
+    """A note when QEMU, running as its own user, could not reach the images' directory."""
+    notes: list[str] = []
+    for directory in sorted({os.path.dirname(d.path) for d in disks}):
+        path = directory
+        while True:
+            try:
+                mode = os.stat(path).st_mode
+            except OSError:
+                break
+            if not mode & stat.S_IXOTH:
+                notes.append(f"{path} is closed to other users: QEMU running as its own user (libvirt's "
+                             f"qemu:///system) cannot reach the images in {directory}")
+                break
+            parent = os.path.dirname(path)
+            if parent == path:
+                break
+            path = parent
+    return notes
 
 
 # -- internals -----------------------------------------------------------------------------------
@@ -186,24 +226,3 @@ def _namespaces(xml: str) -> dict[str, str]:
     except ET.ParseError:
         pass  # reported by the real parse
     return found
-
-
-def _reachability_notes(disks: list[RestoredDisk]) -> list[str]:
-    """A note when QEMU, running as its own user, could not reach the images' directory."""
-    notes: list[str] = []
-    for directory in sorted({os.path.dirname(d.path) for d in disks}):
-        path = directory
-        while True:
-            try:
-                mode = os.stat(path).st_mode
-            except OSError:
-                break
-            if not mode & stat.S_IXOTH:
-                notes.append(f"{path} is closed to other users: QEMU running as its own user (libvirt's "
-                             f"qemu:///system) cannot reach the images in {directory}")
-                break
-            parent = os.path.dirname(path)
-            if parent == path:
-                break
-            path = parent
-    return notes

@@ -73,6 +73,25 @@ def definition(virsh: Virsh, domain: str) -> str:
                      f"give the definition of domain {domain}")
 
 
+def running_definition(virsh: Virsh, domain: str) -> str:
+    """The running domain's description as libvirt puts it into a save image: what a checkpoint resumes with.
+
+    Unlike the definition it holds what runs now (devices attached live, the CPU model libvirt
+    expanded); ``--migratable`` leaves out what only this run has (aliases, generated socket paths).
+    """
+    return virsh.run(["dumpxml", "--migratable", "--security-info", "--", domain],
+                     f"describe the running domain {domain}")
+
+
+def emulator(domain_xml: str) -> str | None:
+    """The QEMU binary a description names (``<devices><emulator>``)."""
+    try:
+        found = ET.fromstring(domain_xml).findtext("devices/emulator")
+    except ET.ParseError:
+        return None
+    return found.strip() if found else None
+
+
 def exists(virsh: Virsh, name: str) -> bool:
     try:
         virsh.run(["domuuid", "--", name], f"look up domain {name}")

@@ -3,8 +3,10 @@
 :class:`LibvirtSource` is what ``hozon.backup.image.backup_vm`` takes instead of a QMP socket
 (its ``MonitorSource``): the monitor through libvirt, the disks named by their libvirt targets
 (``vda``, not QEMU's ``virtio-disk0``), a scratch directory QEMU's user can write, the
-domain's definition for the snapshot (``extra["domain_xml"]``) so the VM can be defined again, and
-the freeze of the guest's file systems through libvirt's channel to its agent (``--freeze``).
+domain's definition for the snapshot (``extra["domain_xml"]``) so the VM can be defined again,
+for a checkpoint also the running domain's migratable description (``extra["running_xml"]``),
+which resumes it (``hozon.sources.libvirt.saveimage``), and the freeze of the guest's file
+systems through libvirt's channel to its agent (``--freeze``).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 
 from hozon.errors import QmpError
 from hozon.sources.libvirt.agent import guest_quiesce
-from hozon.sources.libvirt.domain import definition
+from hozon.sources.libvirt.domain import definition, emulator, running_definition
 from hozon.sources.libvirt.monitor import LibvirtMonitor
 from hozon.sources.qemu.disks import Disk, list_disks
 from hozon.sources.qemu.guest_agent import GuestQuiesce
@@ -32,11 +34,13 @@ class LibvirtSource:
         self.uri = uri or None
         self._monitor: LibvirtMonitor | None = None
         self._definition = ""
+        self._running = ""
 
     def connect(self) -> QmpClient:
         monitor = LibvirtMonitor.connect(self.domain, uri=self.uri)
         try:
             self._definition = definition(monitor.virsh, monitor.domain.uuid)
+            self._running = running_definition(monitor.virsh, monitor.domain.uuid)  # before the instant
         except BaseException:
             monitor.close()
             raise
@@ -66,10 +70,13 @@ class LibvirtSource:
         domain = self._session().domain
         return guest_quiesce(domain.uuid, self.uri, domain.name, freeze_timeout)
 
-    def snapshot_extra(self) -> dict[str, Any]:
+    def snapshot_extra(self, checkpoint: bool) -> dict[str, Any]:
         domain = self._session().domain
-        return {"domain_xml": self._definition, "libvirt": {"domain": domain.name, "uuid": domain.uuid,
-                                                            "uri": self.uri}}
+        extra: dict[str, Any] = {"domain_xml": self._definition,
+                                 "libvirt": {"domain": domain.name, "uuid": domain.uuid, "uri": self.uri}}
+        if checkpoint:
+            extra.update(running_xml=self._running, qemu_binary=emulator(self._running))
+        return extra
 
     def _session(self) -> LibvirtMonitor:
         if self._monitor is None:
