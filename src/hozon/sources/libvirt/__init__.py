@@ -5,7 +5,8 @@ definition; ``monitor.py`` passes QMP through libvirt (:class:`LibvirtMonitor`, 
 for everything in ``hozon.sources.qemu``); ``agent.py`` passes guest agent commands through
 libvirt (:class:`LibvirtGuestAgent`, a ``GuestFreezer`` for ``--freeze``); ``source.py`` is what
 ``hozon vm backup --libvirt`` hands to the image backup; ``define.py`` defines a restored copy
-(``hozon vm restore --libvirt-define``). Why Hozon passes QMP through rather than using
+(``hozon vm restore --libvirt-define``); ``saveimage.py`` resumes a checkpoint through libvirt
+(a save image for ``virsh restore``). Why Hozon passes QMP through rather than using
 libvirt's backup API is in docs/vm-backup.md.
 """
 

@@ -93,7 +93,8 @@ def resume_definition(domain_xml: str, disks: list[RestoredDisk], copy_name: str
         notes.append(f"the copy {copy_name} has the original's MAC addresses (the saved device state holds them), "
                      "so its network links are down; bring one up with: virsh domif-setlink "
                      f"{copy_name} INTERFACE up")
-    return format_domain(root), notes + drop_nvram(root)
+    notes += drop_nvram(root)
+    return format_domain(root), notes
 
 
 def inspection_definition(domain_xml: str, name: str, blanks: list[RestoredDisk]) -> str:
