@@ -189,6 +189,20 @@ def test_a_libvirt_checkpoint_resumes_as_a_copy_and_as_itself_and_exports_its_me
     assert domain.running()
     virsh("destroy", copy)
 
+    # --paused: loaded, waiting for virsh resume.
+    paused_copy = f"{domain.name}-paused"
+    created.append(paused_copy)
+    run = hozon("vm", "checkpoint", "restore", snap["id"], "--to", str(domain.workdir / "paused"), "--start",
+                "--paused", "--as", paused_copy)
+    assert "paused (virsh resume to run it)" in run.stdout
+    paused_log = domain.workdir / "paused" / f"{paused_copy}-serial0.log"
+    time.sleep(1.5)
+    assert virsh("domstate", paused_copy).strip() == "paused"
+    assert ticks(paused_log.read_text(errors="replace") if paused_log.exists() else "") == []
+    virsh("resume", paused_copy)
+    counts_on(paused_log, before, after, alive=lambda: virsh("domstate", paused_copy, check=False).strip() == "running")
+    virsh("destroy", paused_copy)
+
     # The memory, from a paused copy that libvirt loads and then forgets.
     core = domain.workdir / "memory.elf"
     out = hozon("vm", "memory", snap["id"][:8], "--to", str(core)).stdout

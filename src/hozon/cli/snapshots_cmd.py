@@ -46,12 +46,12 @@ def _print_table(snaps: list[Snapshot]) -> None:
         table.add_column(col)
     for s in snaps:
         when = datetime.fromisoformat(s.time).strftime("%Y-%m-%d %H:%M:%S")
-        size = human_bytes(s.summary.get("total_bytes", 0))
+        size = human_bytes(s.summary.get("total_bytes", 0) + s.summary.get("state_bytes", 0))  # a checkpoint's too
         read = human_bytes(s.summary.get("bytes_read", 0))
         what = "\n".join(s.paths)
-        if s.tree is None:  # an image snapshot: the VM and its disks
-            disks = ", ".join(str(d.get("name")) for d in image_disks(s.extra))
-            what = f"{s.extra.get('vm')}: {disks}"
+        if s.tree is None:  # an image snapshot: the VM and its disks (and a checkpoint's state)
+            parts = [str(d.get("name")) for d in image_disks(s.extra)] + (["state"] if s.kind == "checkpoint" else [])
+            what = f"{s.extra.get('vm')}: {', '.join(parts)}"
         # Text, not markup: a '[' in a tag or path is shown as it is (and '[/]' raised MarkupError).
         table.add_row(s.short_id, when, Text(s.hostname), s.kind, Text(",".join(s.tags)), Text(what), size, read)
     console.print(table)
