@@ -78,18 +78,8 @@ def check_name_free(name: str, uri: str | None = None) -> None:
 def copy_definition(domain_xml: str, name: str, disks: list[RestoredDisk]) -> tuple[str, list[str]]:
     """The definition of a copy called ``name`` whose disks are the restored images; notes for the user."""
     root = parse_domain(domain_xml)
-    notes: list[str] = []
-
-    name_element = root.find("name")
-    if name_element is None:
-        name_element = ET.SubElement(root, "name")
-    name_element.text = name
-    for element in root.findall("uuid"):
-        root.remove(element)
-    for element in root.findall("title"):
-        element.text = f"{element.text or ''} (restored copy)".strip()
-
-    notes += point_disks_at(root, disks)
+    rename(root, name, "restored copy")
+    notes = point_disks_at(root, disks)
     for interface in root.iterfind("devices/interface"):
         for mac in interface.findall("mac"):
             interface.remove(mac)
@@ -128,6 +118,18 @@ def parse_domain(domain_xml: str) -> ET.Element:
     if root.tag != "domain":
         raise HozonError(f"the libvirt definition in the snapshot is a <{root.tag}>, not a <domain>")
     return root
+
+
+def rename(root: ET.Element, name: str, what: str) -> None:
+    """Call the domain ``name``, without UUID (libvirt gives it a new one); its title says it is ``what``."""
+    element = root.find("name")
+    if element is None:
+        element = ET.SubElement(root, "name")
+    element.text = name
+    for uuid in root.findall("uuid"):
+        root.remove(uuid)
+    for title in root.findall("title"):
+        title.text = f"{title.text or ''} ({what})".strip()
 
 
 def format_domain(root: ET.Element) -> str:

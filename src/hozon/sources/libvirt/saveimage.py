@@ -38,7 +38,14 @@ from pathlib import Path
 from typing import Final
 
 from hozon.errors import HozonError
-from hozon.sources.libvirt.define import RestoredDisk, drop_nvram, format_domain, parse_domain, point_disks_at
+from hozon.sources.libvirt.define import (
+    RestoredDisk,
+    drop_nvram,
+    format_domain,
+    parse_domain,
+    point_disks_at,
+    rename,
+)
 from hozon.sources.libvirt.virsh import Virsh, VirshFailed
 
 MAGIC: Final = b"LibvirtQemudSave"
@@ -79,7 +86,7 @@ def resume_definition(domain_xml: str, disks: list[RestoredDisk], copy_name: str
     notes = point_disks_at(root, disks)
     if copy_name is None:
         return format_domain(root), notes
-    _rename(root, copy_name)
+    rename(root, copy_name, "copy of a checkpoint")
     _move_chardevs(root, Path(directory), copy_name)
     for graphics in root.iterfind("devices/graphics"):
         if graphics.get("autoport") == "no":
@@ -105,7 +112,7 @@ def inspection_definition(domain_xml: str, name: str, blanks: list[RestoredDisk]
     are fresh.
     """
     root = parse_domain(domain_xml)
-    _rename(root, name)
+    rename(root, name, "copy of a checkpoint")
     point_disks_at(root, blanks)
     drop_nvram(root)
     devices = root.find("devices")
@@ -128,18 +135,6 @@ def inspection_definition(domain_xml: str, name: str, blanks: list[RestoredDisk]
     for graphics in devices.findall("graphics"):
         devices.remove(graphics)
     return format_domain(root)
-
-
-def _rename(root: ET.Element, name: str) -> None:
-    """Another name and, as libvirt gives one to a description without, a new UUID."""
-    element = root.find("name")
-    if element is None:
-        element = ET.SubElement(root, "name")
-    element.text = name
-    for uuid in root.findall("uuid"):
-        root.remove(uuid)
-    for title in root.findall("title"):
-        title.text = f"{title.text or ''} (copy of a checkpoint)".strip()
 
 
 def _move_chardevs(root: ET.Element, directory: Path, name: str) -> None:
