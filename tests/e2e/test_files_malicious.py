@@ -180,7 +180,7 @@ def test_malformed_entries_cost_only_themselves(hozon: Hozon, tmp_path: Path) ->
         {"name": "huge_rdev", "type": "chardev", "mode": 0o600, "rdev": 2**70},
         {"name": "bad_chunk_id", "type": "file", "mode": 0o644, "size": 3, "content": ["not hex"]},
         c.file("negative_uid", uid=-7),
-        c.file("far_extent", extents=[[2**62, len(EVIL)]], size=2**62 + 100),
+        c.file("far_extent", extents=[[2**63, len(EVIL)]], size=2**63 + 100),  # beyond off_t on any file system
         {"name": 42, "type": "file"},
         {"name": "strange_type", "type": "portal"},
     ])

@@ -38,6 +38,8 @@ _ENTRY_ERRORS = (OSError, ValueError, TypeError, OverflowError)
 def _reason(exc: Exception) -> str:
     if isinstance(exc, OSError):
         return str(exc.strerror or exc)
+    if isinstance(exc, OverflowError):  # Python's words for it ("int too large to convert to C long") say little
+        return "invalid entry in the snapshot (a number in it is out of range for this system)"
     return f"invalid entry in the snapshot ({exc})"
 
 
@@ -237,7 +239,7 @@ class _Restore:
                 data = future.result()
                 current.write(data)
                 self.counters.bytes_written += len(data)
-            except (OSError, ValueError) as exc:  # a full target disk, or a damaged entry: this file only
+            except _ENTRY_ERRORS as exc:  # a full target disk, or a damaged entry: this file only
                 self.warnings.append(f"/{'/'.join(current.job.parts)}: {_reason(exc)}; the file is incomplete")
                 os.close(current.fd)
                 current.fd = -1
