@@ -203,7 +203,15 @@ def test_a_libvirt_checkpoint_resumes_as_a_copy_and_as_itself_and_exports_its_me
     counts_on(paused_log, before, after, alive=lambda: virsh("domstate", paused_copy, check=False).strip() == "running")
     virsh("destroy", paused_copy)
 
-    # The memory, from a paused copy that libvirt loads and then forgets.
+    # The memory, from a paused copy that libvirt loads and then forgets; one that a killed Hozon left goes too.
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    abandoned = f"hozon-memory-{snap['id'][:8]}-{dead.pid}-abcdef"
+    created.append(abandoned)
+    bare = domain.workdir / "abandoned.xml"
+    bare.write_text(f"<domain type='qemu'><name>{abandoned}</name><memory unit='MiB'>32</memory><vcpu>1</vcpu>"
+                    "<os><type arch='x86_64' machine='q35'>hvm</type></os><devices/></domain>")
+    virsh("create", str(bare), "--paused")
     core = domain.workdir / "memory.elf"
     out = hozon("vm", "memory", snap["id"][:8], "--to", str(core)).stdout
     assert "ELF core" in out

@@ -12,13 +12,16 @@ and its monitors, serial ports, sockets and networks are replaced.
 - A checkpoint of a libvirt domain: libvirt runs it, as a transient domain
   ``hozon-memory-<id>-<random>`` (``virsh restore --paused`` of a save image that Hozon writes
   into a FIFO, ``hozon.sources.libvirt.saveimage.inspection_definition``), and writes the dump
-  (``virsh dump --memory-only --format elf``); the domain is destroyed afterwards.
+  (``virsh dump --memory-only --format elf``); the domain is destroyed afterwards. A Hozon killed
+  while libvirt dumps leaves it behind, paused: its name carries the process id, and the next
+  export on this host destroys the copies whose process is gone.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shlex
 import subprocess
 import tempfile
@@ -45,6 +48,7 @@ from hozon.sources.qemu.cmdline import isolated_argv, point_disks_at
 from hozon.sources.qemu.qmp import QmpClient
 
 DUMP_TIMEOUT = 600.0
+COPY_NAME = re.compile(r"hozon-memory-[0-9a-f]+-(\d+)-[0-9a-f]{6}")  # hozon-memory-<snapshot>-<pid>-<random>
 
 
 def export_memory(repo: Repository, snapshot: Snapshot, to: str, uri: str | None = None) -> int:
@@ -118,7 +122,8 @@ def _dump_through_qemu(repo: Repository, snapshot: Snapshot, state: dict[str, ob
 def _dump_through_libvirt(repo: Repository, snapshot: Snapshot, state: dict[str, object], domain_xml: str,
                           virsh: Virsh, work: Path, dump: Path) -> None:
     work.chmod(0o755)  # QEMU runs as libvirt's user: it opens the blank disks
-    name = f"hozon-memory-{snapshot.short_id}-{os.urandom(3).hex()}"
+    _remove_abandoned_copies(virsh)
+    name = f"hozon-memory-{snapshot.short_id}-{os.getpid()}-{os.urandom(3).hex()}"
     blanks = [RestoredDisk(str(d["name"]), _blank(work, d), "raw" if d.get("format") == "raw" else "qcow2")
               for d in image_disks(snapshot.extra)]
     header = save_header(inspection_definition(domain_xml, name, blanks), was_running=False)
@@ -139,6 +144,27 @@ def _dump_through_libvirt(repo: Repository, snapshot: Snapshot, state: dict[str,
             virsh.run(["destroy", "--", name], f"remove the copy {name}")
         feeder.stop(unblock=fifo)
     feeder.raise_error()
+
+
+def _remove_abandoned_copies(virsh: Virsh) -> None:
+    """Destroy the paused copies that a killed ``hozon vm memory`` on this host left in libvirt."""
+    if virsh.uri is not None and not virsh.uri.startswith("qemu:///"):
+        return  # a remote libvirt: the process ids in the names are another host's
+    for name in virsh.run(["list", "--name"], "list the running domains").split():
+        found = COPY_NAME.fullmatch(name)
+        if found and not _alive(int(found.group(1))):
+            with contextlib.suppress(VirshFailed):
+                virsh.run(["destroy", "--", name], f"remove the abandoned copy {name}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class _Feeder(threading.Thread):
