@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import struct
 import subprocess
 import tempfile
@@ -232,3 +233,43 @@ def test_a_libvirt_checkpoint_resumes_as_a_copy_and_as_itself_and_exports_its_me
     assert virsh("dominfo", domain.name).count("Persistent:     yes") == 1
     assert sorted(p.name for p in restore_dir.iterdir()) == sorted(
         ["vda.qcow2", "vmstate.save", f"checkpoint-{snap['id'][:8]}.json"])
+
+
+def qmp_through_libvirt(name: str, command: str) -> Any:
+    return json.loads(virsh("qemu-monitor-command", name, json.dumps({"execute": command})))["return"]
+
+
+def test_a_libvirt_checkpoint_killed_mid_stream_leaves_the_domain_running_and_clean(
+        hozon: Hozon, counting_domain: tuple[CountingDomain, list[str]], unprivileged_userfaultfd: None) -> None:
+    domain, _ = counting_domain
+    proc = hozon.popen("vm", "checkpoint", "--libvirt", domain.name, "--connect", URI)
+    try:  # kill Hozon while the guest's memory streams into it
+        deadline = time.monotonic() + 60
+        while qmp_through_libvirt(domain.name, "query-migrate").get("status") != "active":
+            assert proc.poll() is None, "the checkpoint ended before it could be killed"
+            assert time.monotonic() < deadline, "the state never started streaming"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+
+    deadline = time.monotonic() + 30  # the guardian undoes what the killed Hozon left, through libvirt
+    while True:
+        jobs, exports = qmp_through_libvirt(domain.name, "query-block-jobs"), \
+            qmp_through_libvirt(domain.name, "query-block-exports")
+        nodes = [n["node-name"] for n in qmp_through_libvirt(domain.name, "query-named-block-nodes")
+                 if "hozon" in n["node-name"]]
+        caps = {c["capability"]: c["state"] for c in qmp_through_libvirt(domain.name, "query-migrate-capabilities")}
+        migration = qmp_through_libvirt(domain.name, "query-migrate").get("status")
+        if not (jobs or exports or nodes) and not caps["background-snapshot"] and domain.running() and \
+                migration in ("completed", "failed", "cancelled"):
+            break
+        assert time.monotonic() < deadline, (jobs, exports, nodes, caps, migration)
+        time.sleep(0.2)
+    counted = len(ticks(domain.serial_log.read_text(errors="replace")))
+    guest.wait_for_serial(domain.serial_log, f"TICK {counted + 2}", timeout=30, alive=domain.running)  # it runs on
+    assert json.loads(hozon("snapshots", "--json").stdout) == []  # no partial checkpoint
+    checked = hozon("check", check=False)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    run = hozon("vm", "checkpoint", "--libvirt", domain.name, "--connect", URI, "--json", check=False)
+    assert run.returncode == 0, run.stdout + run.stderr  # and the next one works
