@@ -228,6 +228,17 @@ class ChunkIndex:
         i = self._find(blob_id)
         return i >= 0 and int(self.pack[i]) not in self.condemned
 
+    def live_mask(self, ids: npt.NDArray[np.uint8]) -> npt.NDArray[np.bool_]:
+        """:meth:`has_live` for many ids ((n, 32) bytes) at once."""
+        rows = self.positions(ids)
+        live = rows >= 0
+        if self.condemned and live.any():
+            live[live] = ~np.isin(self.pack[rows[live]], np.fromiter(self.condemned, np.int64))
+        if self._pending:
+            for j in np.flatnonzero(rows < 0):
+                live[j] = ids[j, :16].tobytes() in self._pending
+        return live
+
     def positions(self, ids: npt.NDArray[np.uint8]) -> npt.NDArray[np.int64]:
         """Vectorised lookup of many ids ((n, 32) bytes): their rows here, or -1 (pending ones too)."""
         if len(ids) == 0:

@@ -61,3 +61,13 @@ def test_a_blob_in_a_condemned_and_a_live_pack_is_read_from_the_live_one() -> No
     assert len(index) == 1
     loc = index.lookup(blob)
     assert loc is not None and loc.pack == "bb" * 32 and index.has_live(blob)
+
+
+def test_live_mask_answers_as_has_live_does_for_many_ids_at_once() -> None:
+    live, dead, pending, unknown = (os.urandom(32) for _ in range(4))
+    index = ChunkIndex()
+    index.load([IndexFile.from_records([_record("aa" * 32, [live]), _record("bb" * 32, [dead], condemned_at=5)])])
+    index.add(pending, "cc" * 32, 0, 100, 0)  # stored by the running backup, not yet in an index file
+    ids = [live, dead, pending, unknown, live]
+    mask = index.live_mask(np.frombuffer(b"".join(ids), np.uint8).reshape(-1, 32))
+    assert mask.tolist() == [index.has_live(i) for i in ids] == [True, False, True, False, True]
