@@ -45,14 +45,15 @@ class LockInfo:
     def stale(self) -> bool:
         if time.time() - self.refreshed > STALE_AFTER:
             return True
-        return self.hostname == this_host() and not _process_alive(self.pid)
+        return self.hostname == this_host() and not process_alive(self.pid)
 
     def describe(self) -> str:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.started))
         return f"{self.kind} lock of '{self.command}' (pid {self.pid} on {self.hostname}, since {when})"
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process of this host with that id exists."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

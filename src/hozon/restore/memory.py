@@ -31,6 +31,7 @@ from pathlib import Path
 
 from hozon.errors import HozonError, UsageError
 from hozon.repo.imagemap import image_disks
+from hozon.repo.locks import process_alive
 from hozon.repo.repository import Repository
 from hozon.repo.snapshots import Snapshot
 from hozon.restore.checkpoint import (
@@ -152,19 +153,9 @@ def _remove_abandoned_copies(virsh: Virsh) -> None:
         return  # a remote libvirt: the process ids in the names are another host's
     for name in virsh.run(["list", "--name"], "list the running domains").split():
         found = COPY_NAME.fullmatch(name)
-        if found and not _alive(int(found.group(1))):
+        if found and not process_alive(int(found.group(1))):
             with contextlib.suppress(VirshFailed):
                 virsh.run(["destroy", "--", name], f"remove the abandoned copy {name}")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class _Feeder(threading.Thread):
