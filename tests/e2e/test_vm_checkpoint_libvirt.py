@@ -35,6 +35,7 @@ from tests.e2e import test_vm_libvirt as libvirt_tests
 from tests.e2e.conftest import NEEDS_GUEST
 from tests.e2e.test_vm_checkpoint import COUNTER, MARKER, ticks
 from tests.e2e.test_vm_libvirt import URI, DomainFactory, virsh
+from tests.e2e.test_vm_libvirt_agent import guest_domain_xml
 
 libvirtd = libvirt_tests.libvirtd
 libvirt_domain = libvirt_tests.libvirt_domain
@@ -110,18 +111,9 @@ class CountingDomain:
 
 
 def counting_domain_xml(name: str, kernel: Path, initrd: Path, disk: Path, serial_log: Path) -> str:
-    return (f"<domain type='qemu'><name>{name}</name><memory unit='MiB'>128</memory><vcpu>1</vcpu>"
-            "<os><type arch='x86_64' machine='q35'>hvm</type>"
-            f"<kernel>{kernel}</kernel><initrd>{initrd}</initrd><cmdline>console=ttyS0 panic=-1 quiet</cmdline></os>"
-            "<on_poweroff>destroy</on_poweroff><on_reboot>destroy</on_reboot><on_crash>destroy</on_crash>"
-            "<devices>"
-            f"<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{disk}'/>"
-            "<target dev='vda' bus='virtio'/></disk>"
-            f"<serial type='file'><source path='{serial_log}'/><target port='0'/></serial>"
-            f"<interface type='user'><mac address='{MAC}'/><model type='virtio'/></interface>"
-            "<channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>"
-            "<memballoon model='none'/>"
-            "</devices></domain>")
+    return guest_domain_xml(name, kernel, initrd, disk, serial_log, 128,
+                            f"<interface type='user'><mac address='{MAC}'/><model type='virtio'/></interface>"
+                            "<channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>")
 
 
 @pytest.fixture

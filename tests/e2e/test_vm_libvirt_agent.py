@@ -66,8 +66,10 @@ class AgentDomain:
         return virsh("domstate", self.name, check=False).strip() == "running"
 
 
-def agent_domain_xml(name: str, kernel: Path, initrd: Path, disk: Path, serial_log: Path) -> str:
-    return (f"<domain type='qemu'><name>{name}</name><memory unit='MiB'>256</memory><vcpu>1</vcpu>"
+def guest_domain_xml(name: str, kernel: Path, initrd: Path, disk: Path, serial_log: Path, memory_mib: int,
+                     devices: str = "") -> str:
+    """A domain that boots the test guest directly, its serial console into ``serial_log``; ``devices``: more."""
+    return (f"<domain type='qemu'><name>{name}</name><memory unit='MiB'>{memory_mib}</memory><vcpu>1</vcpu>"
             "<os><type arch='x86_64' machine='q35'>hvm</type>"
             f"<kernel>{kernel}</kernel><initrd>{initrd}</initrd><cmdline>console=ttyS0 panic=-1 quiet</cmdline></os>"
             "<on_poweroff>destroy</on_poweroff><on_reboot>destroy</on_reboot><on_crash>destroy</on_crash>"
@@ -75,9 +77,13 @@ def agent_domain_xml(name: str, kernel: Path, initrd: Path, disk: Path, serial_l
             f"<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{disk}'/>"
             "<target dev='vda' bus='virtio'/></disk>"
             f"<serial type='file'><source path='{serial_log}'/><target port='0'/></serial>"
-            f"<channel type='unix'><target type='virtio' name='{AGENT_CHANNEL}'/></channel>"
-            "<memballoon model='none'/>"
+            f"{devices}<memballoon model='none'/>"
             "</devices></domain>")
+
+
+def agent_domain_xml(name: str, kernel: Path, initrd: Path, disk: Path, serial_log: Path) -> str:
+    return guest_domain_xml(name, kernel, initrd, disk, serial_log, 256,
+                            f"<channel type='unix'><target type='virtio' name='{AGENT_CHANNEL}'/></channel>")
 
 
 def wait_for_agent(name: str, timeout: float = 30) -> None:

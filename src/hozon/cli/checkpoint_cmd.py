@@ -59,7 +59,8 @@ def vm_checkpoint(
 def checkpoint_restore(
     snapshot: str = typer.Argument(..., help="Checkpoint id, prefix, or 'latest:VM'."),
     to: str = typer.Option(..., "--to", help="Directory for the disks (thin) and the state."),
-    start: bool = typer.Option(False, "--start", help="Resume the VM right away from its saved command line."),
+    start: bool = typer.Option(False, "--start", help="Resume the VM right away (its saved command line, or "
+                                                      "virsh restore for a libvirt checkpoint)."),
     paused: bool = typer.Option(False, "--paused", help="With --start: load the state but keep the VM paused."),
     copy_name: str = typer.Option(None, "--as", help="libvirt checkpoints: resume a copy called NAME beside the "
                                                      "original (new UUID, network links down)."),

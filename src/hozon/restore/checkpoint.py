@@ -45,7 +45,7 @@ from hozon.errors import CorruptData, HozonError, QmpError, UsageError
 from hozon.repo.imagemap import decode_map, image_disks, map_ids
 from hozon.repo.repository import Repository
 from hozon.repo.snapshots import Snapshot
-from hozon.restore.image import DiskRestore, restore_image
+from hozon.restore.image import DiskRestore, own_format, restore_image
 from hozon.sources.libvirt.define import RestoredDisk, reachability_notes
 from hozon.sources.libvirt.saveimage import (
     check_resumable,
@@ -209,7 +209,7 @@ def restore_checkpoint(repo: Repository, snapshot: Snapshot, to: str, start: boo
     images: dict[str, str] = {}
     disks: list[DiskRestore] = []
     for disk in image_disks(snapshot.extra):
-        fmt = "raw" if disk.get("format") == "raw" else "qcow2"
+        fmt = own_format(disk)
         path = target / f"{disk['name']}.{fmt}"
         disks += restore_image(repo, snapshot, str(path), str(disk["name"]), fmt, progress)
         if disk.get("filename"):

@@ -94,6 +94,11 @@ class _Disk:
 # -- the snapshot's disks ------------------------------------------------------------------------
 
 
+def own_format(disk: dict[str, Any]) -> str:
+    """The format a disk of a snapshot restores in by itself: raw if it was raw, else qcow2 (thin)."""
+    return "raw" if disk.get("format") == "raw" else "qcow2"
+
+
 def _disk_entries(snapshot: Snapshot) -> list[dict[str, Any]]:
     """The snapshot's disk entries, checked: a damaged or hostile snapshot is refused here."""
     where = f"snapshots/{snapshot.id}"

@@ -10,11 +10,11 @@ and its monitors, serial ports, sockets and networks are replaced.
 - A checkpoint taken through QMP: Hozon runs QEMU from the saved command line
   (``hozon.sources.qemu.cmdline.isolated_argv``, ``-S -incoming fd:N``).
 - A checkpoint of a libvirt domain: libvirt runs it, as a transient domain
-  ``hozon-memory-<id>-<random>`` (``virsh restore --paused`` of a save image that Hozon writes
+  ``hozon-memory-<id>-<pid>-<random>`` (``virsh restore --paused`` of a save image that Hozon writes
   into a FIFO, ``hozon.sources.libvirt.saveimage.inspection_definition``), and writes the dump
   (``virsh dump --memory-only --format elf``); the domain is destroyed afterwards. A Hozon killed
-  while libvirt dumps leaves it behind, paused: its name carries the process id, and the next
-  export on this host destroys the copies whose process is gone.
+  while libvirt dumps leaves it behind, paused; the next export on this host destroys the copies
+  whose process is gone.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from hozon.errors import HozonError, UsageError
 from hozon.repo.imagemap import image_disks
@@ -42,6 +43,7 @@ from hozon.restore.checkpoint import (
     state_chunks,
     wait_loaded,
 )
+from hozon.restore.image import own_format
 from hozon.sources.libvirt.define import RestoredDisk
 from hozon.sources.libvirt.saveimage import inspection_definition, restore, save_header
 from hozon.sources.libvirt.virsh import Virsh, VirshFailed
@@ -89,7 +91,7 @@ def export_memory(repo: Repository, snapshot: Snapshot, to: str, uri: str | None
 
 def _dump_through_qemu(repo: Repository, snapshot: Snapshot, state: dict[str, object], config: str, work: Path,
                        dump: Path) -> None:
-    blanks = {str(d["filename"]): _blank(work, d) for d in image_disks(snapshot.extra) if d.get("filename")}
+    blanks = {str(d["filename"]): _blank(work, d).path for d in image_disks(snapshot.extra) if d.get("filename")}
     read_end, write_end = os.pipe()
     monitor = work / "qmp.sock"
     argv = [*isolated_argv(point_disks_at(shlex.split(config), blanks)), "-S",
@@ -125,8 +127,7 @@ def _dump_through_libvirt(repo: Repository, snapshot: Snapshot, state: dict[str,
     work.chmod(0o755)  # QEMU runs as libvirt's user: it opens the blank disks
     _remove_abandoned_copies(virsh)
     name = f"hozon-memory-{snapshot.short_id}-{os.getpid()}-{os.urandom(3).hex()}"
-    blanks = [RestoredDisk(str(d["name"]), _blank(work, d), "raw" if d.get("format") == "raw" else "qcow2")
-              for d in image_disks(snapshot.extra)]
+    blanks = [_blank(work, d) for d in image_disks(snapshot.extra)]
     header = save_header(inspection_definition(domain_xml, name, blanks), was_running=False)
     fifo = work / "vmstate.save"
     os.mkfifo(fifo, 0o600)
@@ -204,12 +205,12 @@ class _Feeder(threading.Thread):
             raise self.error
 
 
-def _blank(work: Path, disk: dict[str, object]) -> str:
+def _blank(work: Path, disk: dict[str, Any]) -> RestoredDisk:
     """An empty image of the disk's size and format: the paused copy never reads it."""
-    fmt = "raw" if disk.get("format") == "raw" else "qcow2"
+    fmt = own_format(disk)
     path = work / f"{disk['name']}.{fmt}"
     done = subprocess.run(["qemu-img", "create", "-q", "-f", fmt, str(path), str(disk["size"])],
                           capture_output=True, text=True, timeout=60, check=False)
     if done.returncode != 0:
         raise HozonError(f"qemu-img could not create a blank image for disk {disk['name']}: {done.stderr.strip()}")
-    return str(path)
+    return RestoredDisk(str(disk["name"]), str(path), fmt)

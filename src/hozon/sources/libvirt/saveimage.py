@@ -57,7 +57,7 @@ XML_ROOM: Final = 64 * 1024  # spare room after the XML, as libvirt leaves it, f
 
 _CHARDEVS = ("serial", "parallel", "console", "channel")
 _BACKEND_OF_INTERFACE = ("source", "target", "virtualport", "bandwidth", "tune", "script", "backend", "ip",
-                         "route", "vlan", "port", "filterref", "teaming", "link")
+                         "route", "vlan", "port", "filterref", "teaming")
 
 
 def save_header(domain_xml: str, was_running: bool) -> bytes:
