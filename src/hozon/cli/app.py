@@ -13,10 +13,12 @@ from hozon.cli import (
     backup_cmd,
     check_cmd,
     checkpoint_cmd,
+    dump_cmd,
     forget_cmd,
     repo_cmd,
     restore_cmd,
     snapshots_cmd,
+    stats_cmd,
     vm_cmd,
 )
 from hozon.cli.common import err_console
@@ -31,6 +33,8 @@ app.command()(backup_cmd.backup)
 app.command()(snapshots_cmd.snapshots)
 app.command()(snapshots_cmd.ls)
 app.command()(snapshots_cmd.diff)
+app.command()(dump_cmd.dump)
+app.command()(stats_cmd.stats)
 app.command()(restore_cmd.restore)
 app.command()(check_cmd.check)
 app.command()(repo_cmd.cat)
