@@ -24,7 +24,7 @@ from hozon.errors import UsageError
 from hozon.repo.locks import PRUNE, Lock
 from hozon.repo.prune import DEFAULT_REPACK_THRESHOLD, PrunePlan, PruneResult, execute_prune, plan_prune
 from hozon.repo.repository import Repository
-from hozon.repo.retention import Decision, Group, Retention, parse_group_by, plan_forget
+from hozon.repo.retention import Decision, Duration, Group, Retention, parse_group_by, plan_forget
 from hozon.repo.snapshots import Snapshot
 
 RepackOption = typer.Option(
@@ -46,6 +46,10 @@ def forget(
     keep_monthly: int = typer.Option(0, "--keep-monthly", metavar="N", help="Keep the newest of each of N months."),
     keep_yearly: int = typer.Option(0, "--keep-yearly", metavar="N", help="Keep the newest of each of N years."),
     keep_tag: list[str] = typer.Option([], "--keep-tag", metavar="TAG", help="Keep snapshots with this tag."),
+    keep_within: str = typer.Option(
+        "", "--keep-within", metavar="DURATION",
+        help="Keep every snapshot made within DURATION (1y6m, 14d, 2d12h) before the group's newest one.",
+    ),
     group_by: str = typer.Option(
         "host,paths", "--group-by", help="Apply the policy per group of host, paths, tags ('' for one group)."
     ),
@@ -58,7 +62,9 @@ def forget(
 ) -> None:
     """Remove snapshots by a retention policy (or by id); the data goes with the next prune."""
     ids = snapshot_ids or []
-    policy = Retention(keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly, keep_yearly, tuple(keep_tag))
+    within = Duration.parse(keep_within) if keep_within else Duration()
+    policy = Retention(keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly, keep_yearly, tuple(keep_tag),
+                       within)
     if ids and (not policy.empty or host or tag):
         raise UsageError("give either snapshot ids or a --keep-* policy (with --host/--tag), not both")
     if not ids and policy.empty:
