@@ -19,6 +19,7 @@ from hozon.cli import (
     restore_cmd,
     snapshots_cmd,
     stats_cmd,
+    tag_cmd,
     vm_cmd,
 )
 from hozon.cli.common import err_console
@@ -35,6 +36,7 @@ app.command()(snapshots_cmd.ls)
 app.command()(snapshots_cmd.diff)
 app.command()(dump_cmd.dump)
 app.command()(stats_cmd.stats)
+app.command()(tag_cmd.tag)
 app.command()(restore_cmd.restore)
 app.command()(check_cmd.check)
 app.command()(repo_cmd.cat)
