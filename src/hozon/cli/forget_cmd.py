@@ -55,6 +55,8 @@ def forget(
     ),
     host: str = typer.Option("", "--host", help="Only consider snapshots of this host."),
     tag: list[str] = typer.Option([], "--tag", help="Only consider snapshots with this tag (repeatable: any)."),
+    path: list[str] = typer.Option([], "--path", metavar="PATH",
+                                   help="Only consider snapshots of this path or VM (repeatable: all of them)."),
     dry_run: bool = DryRunOption,
     prune: bool = typer.Option(False, "--prune", help="Run prune afterwards to give the space back."),
     repack_threshold: float = RepackOption,
@@ -65,8 +67,8 @@ def forget(
     within = Duration.parse(keep_within) if keep_within else Duration()
     policy = Retention(keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly, keep_yearly, tuple(keep_tag),
                        within)
-    if ids and (not policy.empty or host or tag):
-        raise UsageError("give either snapshot ids or a --keep-* policy (with --host/--tag), not both")
+    if ids and (not policy.empty or host or tag or path):
+        raise UsageError("give either snapshot ids or a --keep-* policy (with --host/--tag/--path), not both")
     if not ids and policy.empty:
         raise UsageError("no --keep-* option given: this policy would remove every snapshot",
                          hint="give a policy such as --keep-last 7 --keep-daily 14, or the ids to forget")
@@ -80,7 +82,8 @@ def forget(
             remove = sorted(chosen.values(), key=lambda s: s.datetime)
         else:
             snaps = [s for s in repository.list_snapshots()
-                     if (not host or s.hostname == host) and (not tag or set(tag) & set(s.tags))]
+                     if (not host or s.hostname == host) and (not tag or set(tag) & set(s.tags))
+                     and set(path) <= set(s.paths)]
             groups = plan_forget(snaps, policy, fields)
             remove = [d.snapshot for g in groups for d in g.removed]
         doc["groups"] = [{"group": g.key.as_dict(), "keep": [_decision_doc(d) for d in g.kept],
