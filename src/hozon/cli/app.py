@@ -15,6 +15,8 @@ from hozon.cli import (
     checkpoint_cmd,
     dump_cmd,
     forget_cmd,
+    generate_cmd,
+    manual,
     repo_cmd,
     restore_cmd,
     snapshots_cmd,
@@ -27,7 +29,7 @@ from hozon.errors import HozonError
 
 app = typer.Typer(
     name="hozon", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
-    help="Deduplicated, compressed, encrypted backups of files and VMs.",
+    help="Deduplicated, compressed, encrypted backups of files and VMs.", context_settings=manual.CONTEXT_SETTINGS,
 )
 app.command()(repo_cmd.init)
 app.command()(backup_cmd.backup)
@@ -50,17 +52,35 @@ vm_cmd.vm_app.command("memory")(checkpoint_cmd.vm_memory)
 app.add_typer(vm_cmd.vm_app, name="vm")
 
 
+app.command()(generate_cmd.generate)
+
+
 @app.command()
 def version() -> None:
     """Print Hozon's version."""
     print(f"hozon {__version__}")
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"hozon {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    show_version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
+                                      help="Print Hozon's version and exit."),
+) -> None:
+    """Deduplicated, compressed, encrypted backups of files and VMs."""
+
+
 def main() -> None:
     tune_for_large_buffers()
     try:
         # Without standalone mode click returns the code of a ``typer.Exit`` instead of exiting.
-        code = app(standalone_mode=False)
+        manual.serve_completion_requests()
+        code = manual.finish(typer.main.get_command(app)).main(prog_name="hozon", standalone_mode=False)
         if isinstance(code, int) and code:
             sys.exit(code)
     except HozonError as exc:
