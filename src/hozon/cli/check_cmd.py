@@ -7,16 +7,17 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from hozon.cli.common import (
     JsonOption,
+    NoLockOption,
     RepoOption,
+    RetryLockOption,
     console,
     err_console,
     human_bytes,
     interactive,
-    locked_repo,
     print_json,
+    reading_repo,
 )
 from hozon.repo.check import CheckProgress, CheckResult, check_repository
-from hozon.repo.locks import SHARED
 
 ERRORS_EXIT = 1
 
@@ -30,9 +31,11 @@ def check(
         False, "--read-data", help="Also read every pack and verify every blob (reads the whole repository)."
     ),
     json_out: bool = JsonOption,
+    retry_lock: str = RetryLockOption,
+    no_lock: bool = NoLockOption,
 ) -> None:
     """Check the repository: every index, pack and snapshot is there and readable; exit 1 on damage."""
-    with locked_repo(repo, SHARED, "check", load_index=False) as repository:
+    with reading_repo(repo, "check", load_index=False, retry_lock=retry_lock, no_lock=no_lock) as repository:
         if interactive() and not json_out:
             with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[detail]}"),
                           TimeElapsedColumn(), console=err_console, transient=True) as bar:

@@ -114,6 +114,14 @@ def reading_repo(repo: str | None, command: str, load_index: bool = True, retry_
         yield repository
 
 
+def open_for_reading(ctx: typer.Context, repo: str | None, load_index: bool = True, retry_lock: str = "",
+                     no_lock: bool = False) -> Repository:
+    """``reading_repo`` for the rest of the command ``ctx`` runs (its lock goes when the command returns)."""
+    command = ctx.info_name or "read"
+    repository: Repository = ctx.with_resource(reading_repo(repo, command, load_index, retry_lock, no_lock))
+    return repository
+
+
 @contextmanager
 def saving_snapshot(what: str) -> Iterator[None]:
     """Ctrl-C before the snapshot is saved: say so (typer would turn it into a silent exit 130)."""
