@@ -17,7 +17,6 @@ from typing import Any
 import mfusepy
 
 
-
 class GatedFs(mfusepy.Operations):  # type: ignore[misc]
     def __init__(self, gate: str, reading: str, size: int) -> None:
         self.gate, self.reading, self.size = gate, reading, size

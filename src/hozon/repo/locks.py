@@ -153,16 +153,21 @@ class Lock:
 
     def _refresh_loop(self) -> None:
         wait = REFRESH_EVERY
+        failure = ""  # the last one logged: a storage that keeps failing is said once, not every retry
         while not self._stop.wait(wait):
             if time.monotonic() > self._kept_until:  # also when this thread itself was held up
                 self._lose(f"not refreshed for {HOLD_MARGIN:g} s")
             try:
                 self._refresh()
-                wait = REFRESH_EVERY
+                wait, failure = REFRESH_EVERY, ""
             except Exception as exc:  # a thread's traceback would be all the user saw
                 wait = RETRY_EVERY
-                reason = exc.message if isinstance(exc, HozonError) else repr(exc)
-                log.warning("warning: could not refresh the repository lock (%s); retrying in %g s", reason, wait)
+                kind = f"{type(exc).__name__} {getattr(exc.__cause__, 'errno', '')}"  # each try names a new file
+                if kind != failure:
+                    reason = exc.message if isinstance(exc, HozonError) else repr(exc)
+                    log.warning("warning: could not refresh the repository lock (%s); retrying every %g s",
+                                reason, wait)
+                failure = kind
 
     def _refresh(self) -> None:
         if self.name and not self.repo.backend.exists(f"locks/{self.name}"):
