@@ -237,8 +237,8 @@ def test_reading_commands_work_on_a_read_only_repository(hozon: Hozon, tmp_path:
     snapshot = saved_snapshot(run_ok(hozon, "backup", str(src)).stdout)
     with read_only(hozon.repo, at=tmp_path / "ro") as ro:
         env = {"HOZON_REPO": str(ro)}
-        for args in (["snapshots"], ["ls", snapshot], ["diff", snapshot, snapshot], ["check"],
-                     ["restore", snapshot, "--target", str(tmp_path / "restored")]):
+        for args in (["restore", snapshot, "--target", str(tmp_path / "restored")], ["check"], ["snapshots"],
+                     ["ls", snapshot], ["diff", snapshot, snapshot]):
             run = hozon(*args, env=env, check=False)
             assert run.returncode == 0, f"{args}: {run.stdout}{run.stderr}"
             assert "Traceback" not in run.stderr, run.stderr
