@@ -114,6 +114,7 @@ class Lock:
         self._lost: str | None = None  # why the lock cannot be trusted any more (never cleared)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._swapping = threading.Lock()  # confirm() must not look for a file a refresh just replaced
 
     def _write(self) -> str:
         doc = asdict(
@@ -170,16 +171,17 @@ class Lock:
                 failure = kind
 
     def _refresh(self) -> None:
-        if self.name and not self.repo.backend.exists(f"locks/{self.name}"):
-            self._lose(f"its file locks/{self.name} was removed by another process")
-            self.name = ""
-        new = self._write()
-        if self.name:
-            self._stale_names.append(self.name)
-        self.name = new
-        while self._stale_names:
-            self.repo.backend.delete(f"locks/{self._stale_names[0]}")
-            self._stale_names.pop(0)
+        with self._swapping:
+            if self.name and not self.repo.backend.exists(f"locks/{self.name}"):
+                self._lose(f"its file locks/{self.name} was removed by another process")
+                self.name = ""
+            new = self._write()
+            if self.name:
+                self._stale_names.append(self.name)
+            self.name = new
+            while self._stale_names:
+                self.repo.backend.delete(f"locks/{self._stale_names[0]}")
+                self._stale_names.pop(0)
 
     def _lose(self, reason: str) -> None:
         if self._lost is None:
@@ -189,10 +191,11 @@ class Lock:
 
     def confirm(self) -> None:
         """Raise ``LockLost`` unless this lock has been kept all along (just before committing)."""
-        if self._lost is None and time.monotonic() > self._kept_until:
-            self._lost = f"not refreshed for {HOLD_MARGIN:g} s"
-        if self._lost is None and not self.repo.backend.exists(f"locks/{self.name}"):
-            self._lost = f"its file locks/{self.name} was removed by another process"
+        with self._swapping:
+            if self._lost is None and time.monotonic() > self._kept_until:
+                self._lost = f"not refreshed for {HOLD_MARGIN:g} s"
+            if self._lost is None and not self.repo.backend.exists(f"locks/{self.name}"):
+                self._lost = f"its file locks/{self.name} was removed by another process"
         if self._lost is not None:
             raise LockLost(self._lost)
 
