@@ -20,6 +20,7 @@ import numpy as np
 
 from hozon import __version__
 from hozon.chunking import CDC_MIN, ContentChunker
+from hozon.repo.locks import confirm_held
 from hozon.repo.pack import DATA, TREE
 from hozon.repo.recover import adopt_orphan_packs
 from hozon.repo.repository import Repository
@@ -334,6 +335,7 @@ def backup_files(
             "duration_s": round(time.monotonic() - started, 3),
         },
     )
+    confirm_held(repo)  # a lock that went stale meanwhile may have let a prune delete our packs
     repo.save_snapshot(snapshot)
     return BackupResult(snapshot, job.warnings)
 

@@ -33,6 +33,7 @@ from hozon.errors import HozonError, UsageError
 from hozon.nbd import NbdClient
 from hozon.nbd.qemu_nbd import QemuNbd
 from hozon.repo.imagemap import ZERO_ID, decode_map, encode_map, image_disks, map_ids, split_maps, zero_mask
+from hozon.repo.locks import confirm_held
 from hozon.repo.pack import DATA, MAP
 from hozon.repo.recover import adopt_orphan_packs
 from hozon.repo.repository import Repository
@@ -338,6 +339,7 @@ def backup_vm(repo: Repository, options: ImageBackupOptions,
                 snapshot.extra.update(state=state, consistency="checkpoint", **vm)
                 snapshot.summary.update(pause_ms=round(capture.pause_seconds * 1000, 1),
                                         transaction_ms=snapshot.summary["pause_ms"], state_bytes=state["size"])
+            confirm_held(repo)  # a lock that went stale meanwhile may have let a prune delete our packs
             repo.save_snapshot(snapshot)
             point.commit()
     return ImageBackupResult(snapshot, notes)
@@ -384,6 +386,7 @@ def backup_images(repo: Repository, images: list[str], options: ImageBackupOptio
         writer.close()
         snapshot = _snapshot(options.name, options, parent, disk_docs, None, vm_config, 0.0, writer, started,
                              source="image")
+        confirm_held(repo)
         repo.save_snapshot(snapshot)
     return ImageBackupResult(snapshot, [])
 

@@ -5,17 +5,18 @@ from __future__ import annotations
 import getpass
 import json
 import os
+import re
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import typer
 from rich.console import Console
 
-from hozon.errors import RepositoryNotFound, UsageError
+from hozon.errors import Interrupted, RepositoryNotFound, RepositoryReadOnly, UsageError
 from hozon.repo.backends import open_backend
-from hozon.repo.locks import Lock
+from hozon.repo.locks import SHARED, Lock
 from hozon.repo.repository import Repository
 
 # Piped output is for scripts and logs: never wrap or truncate it.
@@ -26,6 +27,16 @@ RepoOption = typer.Option(
     None, "--repo", "-r", envvar="HOZON_REPO", help="Repository location (a directory). Env: HOZON_REPO."
 )
 JsonOption = typer.Option(False, "--json", help="Print machine-readable JSON.")
+RetryLockOption = typer.Option(
+    "", "--retry-lock", metavar="DURATION",
+    help="While another process holds a conflicting lock, keep trying for up to DURATION (30s, 5m, 1h).",
+)
+NoLockOption = typer.Option(
+    False, "--no-lock", help="Read without taking a lock (automatic when the repository cannot be written).",
+)
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
 def repo_location(repo: str | None) -> str:
@@ -66,13 +77,59 @@ def open_repo(repo: str | None, load_index: bool = True) -> Repository:
     return repository
 
 
+def parse_duration(text: str) -> float:
+    """Seconds in a duration such as ``30s``, ``5m``, ``1h30m`` or ``500ms`` (restic's and Go's spelling)."""
+    if not text:
+        return 0.0
+    if not re.fullmatch(f"(?:{_DURATION_PART.pattern})+", text):
+        raise UsageError(f"{text!r} is not a duration", hint="write it like 30s, 5m, 1h or 1h30m")
+    return sum(float(n) * _UNIT_SECONDS[unit] for n, unit in _DURATION_PART.findall(text))
+
+
 @contextmanager
-def locked_repo(repo: str | None, kind: str, command: str, load_index: bool = True) -> Iterator[Repository]:
+def locked_repo(repo: str | None, kind: str, command: str, load_index: bool = True,
+                retry_lock: str = "") -> Iterator[Repository]:
+    retry_for = parse_duration(retry_lock)
     repository = open_repo(repo, load_index=False)
-    with Lock(repository, kind, command):
+    with Lock(repository, kind, command, retry_for):
         if load_index:
             repository.load_index()
         yield repository
+
+
+@contextmanager
+def reading_repo(repo: str | None, command: str, load_index: bool = True, retry_lock: str = "",
+                 no_lock: bool = False) -> Iterator[Repository]:
+    """A repository to read under a shared lock; with none if told so or if it cannot be written."""
+    retry_for = parse_duration(retry_lock)
+    repository = open_repo(repo, load_index=False)
+    with ExitStack() as stack:
+        if not no_lock:
+            try:
+                stack.enter_context(Lock(repository, SHARED, command, retry_for))
+            except RepositoryReadOnly as exc:
+                err_console.print(f"note: {exc.message}; reading without a lock", markup=False, soft_wrap=True)
+        if load_index:
+            repository.load_index()
+        yield repository
+
+
+def open_for_reading(ctx: typer.Context, repo: str | None, load_index: bool = True, retry_lock: str = "",
+                     no_lock: bool = False) -> Repository:
+    """``reading_repo`` for the rest of the command ``ctx`` runs (its lock goes when the command returns)."""
+    command = ctx.info_name or "read"
+    repository: Repository = ctx.with_resource(reading_repo(repo, command, load_index, retry_lock, no_lock))
+    return repository
+
+
+@contextmanager
+def saving_snapshot(what: str) -> Iterator[None]:
+    """Ctrl-C before the snapshot is saved: say so (typer would turn it into a silent exit 130)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise Interrupted(f"{what} was interrupted; no snapshot was saved (the data stored so far is reused "
+                          "by the next run)") from None
 
 
 def print_json(doc: Any) -> None:

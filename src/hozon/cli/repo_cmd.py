@@ -9,15 +9,16 @@ import typer
 from hozon.cli.common import (
     JsonOption,
     RepoOption,
+    RetryLockOption,
     console,
-    locked_repo,
     open_repo,
+    parse_duration,
     print_json,
     read_password,
 )
 from hozon.errors import HozonError, UsageError
 from hozon.repo.backends import open_backend
-from hozon.repo.locks import EXCLUSIVE, list_locks, remove_stale_locks
+from hozon.repo.locks import EXCLUSIVE, Lock, list_locks, remove_stale_locks
 from hozon.repo.pack import BLOB_TYPES
 from hozon.repo.repository import Repository
 
@@ -44,16 +45,17 @@ def init(
 
 
 @key_app.command("passwd")
-def key_passwd(repo: str | None = RepoOption) -> None:
+def key_passwd(repo: str | None = RepoOption, retry_lock: str = RetryLockOption) -> None:
     """Change the password (rewrites one key file; no data is touched)."""
     import os
 
-    with locked_repo(repo, EXCLUSIVE, "key passwd", load_index=False) as repository:
-        if not repository.master.encrypted:
-            raise UsageError("this repository is not encrypted; it has no password to change")
-        new = os.environ.get("HOZON_NEW_PASSWORD")
-        if new is None:
-            new = read_password_new()
+    repository = open_repo(repo, load_index=False)
+    if not repository.master.encrypted:
+        raise UsageError("this repository is not encrypted; it has no password to change")
+    new = os.environ.get("HOZON_NEW_PASSWORD")
+    if new is None:
+        new = read_password_new()  # before the lock: a backup may start while we wait at the prompt
+    with Lock(repository, EXCLUSIVE, "key passwd", parse_duration(retry_lock)):
         repository.change_password(new)
     console.print("password changed")
 

@@ -6,8 +6,16 @@ import typer
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
-from hozon.cli.common import RepoOption, console, err_console, human_bytes, interactive, locked_repo
-from hozon.repo.locks import SHARED
+from hozon.cli.common import (
+    NoLockOption,
+    RepoOption,
+    RetryLockOption,
+    console,
+    err_console,
+    human_bytes,
+    interactive,
+    reading_repo,
+)
 from hozon.restore.files import RestoreCounters, RestoreOptions, restore_files
 
 WARNINGS_EXIT = 3
@@ -19,10 +27,12 @@ def restore(
     repo: str | None = RepoOption,
     include: list[str] = typer.Option([], "--include", "-i", help="Only restore paths matching P (repeatable)."),
     exclude: list[str] = typer.Option([], "--exclude", "-e", help="Skip paths matching P (repeatable)."),
+    retry_lock: str = RetryLockOption,
+    no_lock: bool = NoLockOption,
 ) -> None:
     """Restore a file snapshot below --target; nothing is ever written outside it."""
     options = RestoreOptions(target=target, includes=include, excludes=exclude)
-    with locked_repo(repo, SHARED, "restore") as repository:
+    with reading_repo(repo, "restore", retry_lock=retry_lock, no_lock=no_lock) as repository:
         snap = repository.resolve_snapshot(snapshot)
         if interactive():
             with Progress(TextColumn("restoring"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),

@@ -14,6 +14,7 @@ from hozon.backup.image import ImageBackupOptions, ImageBackupResult, ProgressCa
 from hozon.cli.common import (
     JsonOption,
     RepoOption,
+    RetryLockOption,
     console,
     err_console,
     human_bytes,
@@ -21,6 +22,7 @@ from hozon.cli.common import (
     locked_repo,
     open_repo,
     print_json,
+    saving_snapshot,
 )
 from hozon.errors import HozonError, UsageError
 from hozon.repo.imagemap import image_disks
@@ -56,6 +58,7 @@ def vm_backup(
                                          "--freeze. Not for --libvirt, whose agent channel libvirt keeps."),
     repo: str | None = RepoOption,
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    retry_lock: str = RetryLockOption,
 ) -> None:
     """Back up every disk of a running VM at one instant; incremental through dirty bitmaps.
 
@@ -86,10 +89,11 @@ def vm_backup(
     options = ImageBackupOptions(qmp=qmp or "", name=name, mode=mode, vm_config=vm_config, tags=tag,
                                  scratch_dir=scratch, source=LibvirtSource(libvirt, connect) if libvirt else None,
                                  guest_agent=guest_agent, freeze=freeze or bool(guest_agent))
-    with locked_repo(repo, SHARED, "vm backup") as repository:
-        result = run_image_backup(lambda progress: backup_images(repository, image, options, progress) if image
-                                  else backup_vm(repository, options, progress), "reading disks", json_out)
-    render_image_backup(result, json_out)
+    with locked_repo(repo, SHARED, "vm backup", retry_lock=retry_lock) as repository:
+        with saving_snapshot("the VM backup"):
+            result = run_image_backup(lambda progress: backup_images(repository, image, options, progress) if image
+                                      else backup_vm(repository, options, progress), "reading disks", json_out)
+        render_image_backup(result, json_out)  # before the lock goes: its id is out even if the removal fails
 
 
 def run_image_backup(run: Callable[[ProgressCallback | None], ImageBackupResult], what: str,
@@ -136,6 +140,7 @@ def vm_restore(
                                        help="Define the restored VM in libvirt under this name (new UUID and MACs)."),
     connect: str = typer.Option(None, "--connect", help="libvirt URI for --libvirt-define (default: virsh's)."),
     repo: str | None = RepoOption,
+    retry_lock: str = RetryLockOption,
 ) -> None:
     """Restore a VM snapshot's disks as thin images; any snapshot restores on its own."""
     if fmt not in (None, "qcow2", "raw"):
@@ -144,7 +149,7 @@ def vm_restore(
         raise UsageError("--libvirt-define defines the whole VM; it cannot go with --disk")
     if connect and not libvirt_define:
         raise UsageError("--connect is for --libvirt-define NAME")
-    with locked_repo(repo, SHARED, "vm restore") as repository:
+    with locked_repo(repo, SHARED, "vm restore", retry_lock=retry_lock) as repository:
         snap = repository.resolve_snapshot(snapshot)
         if snap.tree is not None:
             raise HozonError(f"snapshot {snap.short_id} is a file snapshot", hint="use: hozon restore")

@@ -1,4 +1,9 @@
-"""A repository in a local directory (the default target)."""
+"""A repository in a local directory (the default target).
+
+Durability: a file is fsynced before it is linked into place, and the directory that gained (or
+lost) a name is fsynced after, as is the parent of every directory created on the way; so once
+``put`` or ``delete`` returns, the change survives a power cut (docs/format.md, "Power cuts").
+"""
 
 from __future__ import annotations
 
@@ -9,9 +14,10 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from hozon.errors import BackendError, RepositoryFull
+from hozon.errors import BackendError, RepositoryFull, RepositoryReadOnly
 
 TMP_DIR = "tmp"
+_READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 class LocalBackend:
@@ -30,8 +36,8 @@ class LocalBackend:
         final = self._path(key)
         tmp = self.root / TMP_DIR / f"{uuid.uuid4().hex}.tmp"
         try:
-            final.parent.mkdir(parents=True, exist_ok=True)
-            tmp.parent.mkdir(parents=True, exist_ok=True)
+            _make_dirs(final.parent)
+            _make_dirs(tmp.parent)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
                 view = memoryview(data)
@@ -41,13 +47,20 @@ class LocalBackend:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            with contextlib.suppress(FileExistsError):  # the key exists already: write-once
+            try:
                 os.link(tmp, final)
+            except FileExistsError:  # the key exists already: write-once
+                pass
+            else:
+                _sync_dir(final.parent)
             os.unlink(tmp)
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # on a read-only file system this fails too
+                tmp.unlink(missing_ok=True)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise RepositoryFull(str(final)) from exc
+            if exc.errno in _READ_ONLY:
+                raise RepositoryReadOnly(f"cannot write {final}: {exc.strerror}") from exc
             raise BackendError(f"cannot write {final}: {exc.strerror}") from exc
 
     def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
@@ -75,9 +88,32 @@ class LocalBackend:
                 yield f"{rel}/{name}"
 
     def delete(self, key: str) -> None:
+        path = self._path(key)
         try:
-            self._path(key).unlink()
+            path.unlink()
+            _sync_dir(path.parent)  # prune deletes index files before packs: keep that order on disk
         except FileNotFoundError:
             pass
         except OSError as exc:
-            raise BackendError(f"cannot delete {self._path(key)}: {exc.strerror}") from exc
+            if exc.errno in _READ_ONLY:
+                raise RepositoryReadOnly(f"cannot delete {path}: {exc.strerror}") from exc
+            raise BackendError(f"cannot delete {path}: {exc.strerror}") from exc
+
+
+def _make_dirs(path: Path) -> None:
+    """``mkdir -p`` whose new directories survive a power cut: each parent is synced after its mkdir."""
+    if path.is_dir():
+        return
+    _make_dirs(path.parent)
+    with contextlib.suppress(FileExistsError):  # made by a concurrent writer meanwhile
+        path.mkdir()
+    _sync_dir(path.parent)
+
+
+def _sync_dir(path: Path) -> None:
+    """Make the names in a directory durable (a link or rename is in the directory, not the file)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
