@@ -52,8 +52,7 @@ def mounted(spec: Spec, mountpoint: Path, attr_timeout: float = 0, timeout: floa
     ``lstat`` does not ask twice.
     """
     mountpoint.mkdir(parents=True, exist_ok=True)
-    spec_file = tempfile.NamedTemporaryFile("w", suffix=".json", delete=False)
-    with spec_file:
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as spec_file:
         json.dump(spec, spec_file)
     proc = subprocess.Popen([sys.executable, __file__, spec_file.name, str(mountpoint), str(attr_timeout)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -161,8 +160,9 @@ def _serve(spec: Spec, mountpoint: str, attr_timeout: float) -> None:
         def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
             raise fuse.FuseOSError(errno.ENODATA)
 
-    fuse.FUSE(FaultFS(), mountpoint, foreground=True, ro=True, use_ino=True, direct_io=True,
-              attr_timeout=attr_timeout, entry_timeout=0, negative_timeout=0, default_permissions=True, debug=bool(os.environ.get("FAULTFS_DEBUG")))
+    fuse.FUSE(FaultFS(), mountpoint, foreground=True, ro=True, use_ino=True, direct_io=True, attr_timeout=attr_timeout,
+              entry_timeout=0, negative_timeout=0, default_permissions=True,
+              debug=bool(os.environ.get("FAULTFS_DEBUG")))
 
 
 if __name__ == "__main__":
