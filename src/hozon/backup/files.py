@@ -3,12 +3,20 @@
 Unchanged files are recognised through the parent snapshot (same host and paths): a file whose
 inode, size, mtime and ctime match its entry there, and whose chunks are all still live in the
 repository, reuses that entry without being read. Every snapshot is still logically full.
+
+What cannot be read costs itself alone, and is named in a warning: a file whose read fails is left
+out under every name (kept without its bytes, it would restore as data that never was), as is a
+directory that cannot be opened or listed; a file that changed while it was read is kept as read.
+Entries are reached through their directory's descriptor from a stack of open directories, so
+neither recursion nor PATH_MAX limits the depth of a tree.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import os
+import resource
 import stat
 import threading
 import time
@@ -432,6 +440,7 @@ def backup_files(
     parent = find_parent(repo, hostname, paths)
     started = time.monotonic()
     adopt_orphan_packs(repo)  # chunks a killed backup uploaded are reused, not uploaded again
+    _raise_open_file_limit()
     with BlobWriter(repo) as writer:
         job = _FileBackup(repo, writer, options, progress)
         tree = job.walk(paths, parent.tree if parent else None)
@@ -449,6 +458,17 @@ def backup_files(
     )
     repo.save_snapshot(snapshot)
     return BackupResult(snapshot, job.warnings)
+
+
+def _raise_open_file_limit() -> None:
+    """The walk holds one descriptor per directory level: allow as many as the hard limit does.
+
+    Past it, a directory that cannot be opened is warned about and left out, like any other.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        with contextlib.suppress(ValueError, OSError):  # no higher than the kernel's nr_open, say
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _open_for_reading(dir_fd: int, name: str) -> int:

@@ -75,5 +75,6 @@ def backup(
         console.print(f"snapshot {snap.short_id} saved")
     if result.warnings:
         if not json_out:
-            err_console.print(f"[yellow]{len(result.warnings)} file(s) could not be read; snapshot is incomplete[/]")
+            err_console.print(f"[yellow]{len(result.warnings)} warning(s): the snapshot is incomplete or "
+                              "inconsistent where they say[/]")
         raise typer.Exit(WARNINGS_EXIT)
