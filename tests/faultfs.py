@@ -10,7 +10,9 @@ implicitly. A file entry: ``{"size": N}`` plus any of
 - ``"fault": "changing"``   every read moves the file's mtime and ctime on by one second;
 - ``"fault": "stall"``      every read sleeps ``"stall_s"`` seconds first;
 - ``"fault": "xattr_eio"``  listing its extended attributes fails with EIO;
-- ``"link": "/other"``      another name of that file (same inode, same bytes, faults of ``/other``).
+- ``"link": "/other"``      another name of that file (same inode, same bytes, faults of ``/other``);
+- ``"ino": N, "nlink": M``  the inode number and link count ``stat`` reports, whatever the truth (an
+                            inode number freed and reused by another file during a walk).
 
 A directory entry ``{"dir": true}`` may carry ``"fault": "listing_eio"`` (reading it fails with EIO)
 or ``"fault": "vanish"`` (the first ``"found"`` lookups find it, later ones do not). Contents are ``content()``
@@ -126,7 +128,9 @@ def _serve(spec: Spec, mountpoint: str, attr_timeout: float) -> None:
             swapped = fault(path) == "fifo" and seen > files[first_name(path)].get("found", 1)
             kind = stat.S_IFIFO if swapped else stat.S_IFREG
             when = mtimes[ino] * 10**9
-            return {"st_mode": kind | 0o644, "st_nlink": links[ino], "st_ino": ino, "st_size": len(data[ino]),
+            shown = files[path]
+            return {"st_mode": kind | 0o644, "st_nlink": shown.get("nlink", links[ino]),
+                    "st_ino": shown.get("ino", ino), "st_size": len(data[ino]),
                     "st_blocks": (len(data[ino]) + 511) // 512, "st_mtime": when, "st_ctime": when}
 
         def readdir(self, path: str, fh: int) -> list[tuple[str, dict[str, int], int]]:

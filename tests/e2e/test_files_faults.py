@@ -98,6 +98,20 @@ def test_a_failed_hard_linked_file_is_left_out_under_every_name(hozon: Hozon, tm
     assert os.path.samefile(restored / "a" / "fine", restored / "b" / "fine-too")
 
 
+def test_a_reused_inode_number_is_not_taken_for_a_hard_link(hozon: Hozon, tmp_path: Path) -> None:
+    mnt = tmp_path / "mnt"
+    # Two different files that stat shows with one inode number and two links each, as when a
+    # hard-linked file is deleted during the walk and its inode goes to a new one.
+    spec: Spec = {"/a/first": {"size": 5000, "ino": 4242, "nlink": 2},
+                  "/b/second": {"size": 7000, "ino": 4242, "nlink": 2}}
+    with mounted(spec, mnt):
+        run = _backup(hozon, mnt)
+    assert run.returncode == 0, run.stdout + run.stderr
+    listed = _listed(hozon, mnt)
+    assert listed[f"{mnt}/b/second"]["size"] == 7000, "a file was stored with another file's bytes"
+    assert listed[f"{mnt}/a/first"]["content"] != listed[f"{mnt}/b/second"]["content"]
+
+
 def test_a_file_that_becomes_a_fifo_is_skipped_not_waited_for(hozon: Hozon, tmp_path: Path) -> None:
     mnt = tmp_path / "mnt"
     spec: Spec = {"/now-a-fifo": {"size": 5000, "fault": "fifo"}, "/z-after": {"size": 3000}}

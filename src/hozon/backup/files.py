@@ -128,7 +128,7 @@ class _FileBackup:
         self.warnings: list[str] = []
         self.chunker = ContentChunker(repo.master.chunker_seed)
         self.paths: set[str] = set()
-        self._hardlinks: dict[tuple[int, int], _Content] = {}  # (dev, ino) of a multi-link file → its content
+        self._hardlinks: dict[tuple[int, ...], _Content] = {}  # _link_key() of a multi-link file → its content
         self._read_lock = threading.Lock()  # bytes_read grows on workers too; ``+=`` is not atomic
         self._last_progress = 0.0
 
@@ -316,7 +316,7 @@ class _FileBackup:
     def _file(self, parent: _Dir, name: str, path: str, st: os.stat_result, previous: Node | None) -> None:
         """A regular file's entry: its content reused from the parent snapshot, shared with another name
         of the same file, or read now (then its metadata is that of the file opened)."""
-        content = self._hardlinks.get((st.st_dev, st.st_ino)) if st.st_nlink > 1 else None
+        content = self._hardlinks.get(_link_key(st)) if st.st_nlink > 1 else None
         fd: int | None = None
         if content is None:
             if previous is not None and self._unchanged(st, previous, parent.live):
@@ -328,7 +328,7 @@ class _FileBackup:
                 fd, st = opened
                 content = _Content(path, "files_new" if previous is None else "files_changed", st.st_size)
             if st.st_nlink > 1:
-                self._hardlinks[(st.st_dev, st.st_ino)] = content
+                self._hardlinks[_link_key(st)] = content
         parent.entries.append((self._node(parent.fd, name, path, st, opened=fd), path, content))
         if fd is not None:
             self._read(fd, content, st)
@@ -418,6 +418,12 @@ class _FileBackup:
             self._last_progress = now
             self.counters.current = path
             self.progress(self.counters)
+
+
+def _link_key(st: os.stat_result) -> tuple[int, ...]:
+    """What makes two names one file: its inode, and its size and times (an inode number freed and
+    reused during the walk names another file, which must not be given this one's bytes)."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 def _moved(before: os.stat_result, after: os.stat_result) -> bool:
