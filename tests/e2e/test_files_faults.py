@@ -165,3 +165,28 @@ def test_unreadable_extended_attributes_do_not_cost_the_file(hozon: Hozon, tmp_p
     assert f"warning: {mnt}/d/no-xattrs: extended attributes could not be read: Input/output error" in \
         _warnings(run), run.stderr
     _assert_restored(hozon, mnt, {"/d/no-xattrs": 7000, "/d/plain": 100})
+
+
+def test_a_stalled_read_is_named_while_the_backup_waits(hozon: Hozon, tmp_path: Path) -> None:
+    mnt = tmp_path / "mnt"
+    # A read that gets no answer for 8 s; the backup is told to name a file after 1 s of waiting.
+    spec: Spec = {"/slow": {"size": 4000, "fault": "stall", "stall_s": 8}, "/fast": {"size": 3000}}
+    with mounted(spec, mnt):
+        hozon.env["HOZON_STALL_SECONDS"] = "1"
+        proc = hozon.popen("backup", str(mnt))
+        try:
+            assert proc.stderr is not None
+            first = proc.stderr.readline()
+            still_running = proc.poll() is None
+            stdout, rest = proc.communicate(timeout=BACKUP_TIMEOUT)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    stderr = first + rest
+    assert "Traceback" not in stderr, stderr
+    assert first.startswith(f"warning: {mnt}/slow: a read had no answer from its file system for 1 s"), stderr
+    assert still_running, "the stalled file was named only after the backup ended"
+    assert proc.returncode == 3, stdout + stderr
+    assert stderr.count(f"warning: {mnt}/slow:") == 1, stderr
+    _assert_restored(hozon, mnt, {"/slow": 4000, "/fast": 3000})

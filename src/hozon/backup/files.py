@@ -36,8 +36,10 @@ from hozon.repo.snapshots import Snapshot, now_iso, this_host
 from hozon.repo.tree import DIR, FILE, SYMLINK, Node, encode_tree
 from hozon.repo.writer import BlobWriter
 from hozon.sources.files.metadata import data_extents, entry_path, is_sparse, node_from_stat, read_xattrs
+from hozon.sources.files.stall import StallWatch
 
 ProgressCallback = Callable[["BackupCounters"], None]
+WarningCallback = Callable[[str], None]  # told of a warning the moment it is found (a stalled read)
 
 
 @dataclass
@@ -47,6 +49,7 @@ class BackupOptions:
     excludes: list[str] = field(default_factory=list)
     one_file_system: bool = False
     hostname: str = ""
+    stall_after: float = 60.0  # seconds one read may wait before its file is named in a warning
 
 
 @dataclass
@@ -117,15 +120,16 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY
 
 
 class _FileBackup:
-    def __init__(
-        self, repo: Repository, writer: BlobWriter, options: BackupOptions, progress: ProgressCallback | None
-    ) -> None:
+    def __init__(self, repo: Repository, writer: BlobWriter, options: BackupOptions, progress: ProgressCallback | None,
+                 on_warning: WarningCallback | None) -> None:
         self.repo = repo
         self.writer = writer
         self.options = options
         self.progress = progress
+        self.on_warning = on_warning
         self.counters = BackupCounters()
         self.warnings: list[str] = []
+        self.watch = StallWatch(options.stall_after, self._stalled)  # close() it
         self.chunker = ContentChunker(repo.master.chunker_seed)
         self.paths: set[str] = set()
         self._hardlinks: dict[tuple[int, ...], _Content] = {}  # _link_key() of a multi-link file → its content
@@ -197,6 +201,7 @@ class _FileBackup:
         except OSError as exc:
             self.warn(path, exc)
             return None
+        self._report(path)
         previous = parent.previous.get(name)
         if parent.layout is not None and path not in self.paths:
             return self._level(parent, name, path, st, previous)
@@ -212,7 +217,6 @@ class _FileBackup:
                 parent.entries.append((self._node(parent.fd, name, path, st), path, None))
             except OSError as exc:
                 self.warn(path, exc)
-        self._report(path)
         return None
 
     def _node(self, dir_fd: int, name: str, path: str, st: os.stat_result, opened: int | None = None) -> Node:
@@ -367,13 +371,14 @@ class _FileBackup:
             return
         try:
             with os.fdopen(fd, "rb", buffering=0) as f:
+                watched = self.watch.watched(content.path, f)
                 if is_sparse(before):
                     content.extents = data_extents(f.fileno(), before.st_size)
                     for offset, length in content.extents:
                         f.seek(offset)
-                        self._submit_all(self.chunker.chunks(f, length), content.futures)
+                        self._submit_all(self.chunker.chunks(watched, length), content.futures)
                 else:
-                    content.size = self._submit_all(self.chunker.chunks(f), content.futures)
+                    content.size = self._submit_all(self.chunker.chunks(watched), content.futures)
                 content.changed = _moved(before, os.fstat(f.fileno()))
         except OSError as exc:
             content.error = exc.strerror or str(exc)
@@ -381,7 +386,7 @@ class _FileBackup:
     def _store_small_file(self, fd: int, content: _Content, before: os.stat_result) -> bytes | None:
         """Worker task: a file that fits one chunk, read and stored in one go."""
         try:
-            with os.fdopen(fd, "rb", buffering=0) as f:
+            with os.fdopen(fd, "rb", buffering=0) as f, self.watch.reading(content.path):
                 data = f.read(before.st_size)  # exactly: a larger read buffer costs more than the read
                 content.changed = _moved(before, os.fstat(f.fileno()))
         except OSError as exc:
@@ -412,6 +417,12 @@ class _FileBackup:
     def warn(self, path: str, exc: OSError) -> None:
         self.warnings.append(f"{path}: {exc.strerror or exc}")
 
+    def _stalled(self, warning: str) -> None:
+        """From the stall watch's thread: a read waits long; say so now, not only at the end."""
+        self.warnings.append(warning)
+        if self.on_warning is not None:
+            self.on_warning(warning)
+
     def _report(self, path: str) -> None:
         now = time.monotonic()
         if self.progress is not None and now - self._last_progress > 0.2:
@@ -437,10 +448,13 @@ def find_parent(repo: Repository, hostname: str, paths: list[str]) -> Snapshot |
     return candidates[-1] if candidates else None
 
 
-def backup_files(
-    repo: Repository, options: BackupOptions, progress: ProgressCallback | None = None
-) -> BackupResult:
-    """Run one file backup into an open, locked repository with a loaded index."""
+def backup_files(repo: Repository, options: BackupOptions, progress: ProgressCallback | None = None,
+                 on_warning: WarningCallback | None = None) -> BackupResult:
+    """Run one file backup into an open, locked repository with a loaded index.
+
+    Every warning is in the result; ``on_warning`` also hears at once of those found while the backup
+    may still wait long (a read that stalls), so the user knows on which file.
+    """
     paths = sorted({os.path.abspath(p) for p in options.paths})
     hostname = options.hostname or this_host()
     parent = find_parent(repo, hostname, paths)
@@ -448,8 +462,11 @@ def backup_files(
     adopt_orphan_packs(repo)  # chunks a killed backup uploaded are reused, not uploaded again
     _raise_open_file_limit()
     with BlobWriter(repo) as writer:
-        job = _FileBackup(repo, writer, options, progress)
-        tree = job.walk(paths, parent.tree if parent else None)
+        job = _FileBackup(repo, writer, options, progress, on_warning)
+        try:
+            tree = job.walk(paths, parent.tree if parent else None)
+        finally:
+            job.watch.close()
     c = job.counters
     snapshot = Snapshot(
         time=now_iso(), hostname=hostname, paths=paths, kind="files", tree=tree, tags=sorted(options.tags),

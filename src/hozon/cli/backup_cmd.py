@@ -45,6 +45,14 @@ def backup(
         except OSError as exc:
             raise UsageError(f"cannot read exclude file {f}: {exc.strerror}") from exc
     options = BackupOptions(paths=paths, tags=tag, excludes=excludes, one_file_system=one_file_system, hostname=host)
+    if "HOZON_STALL_SECONDS" in os.environ:
+        options.stall_after = _seconds("HOZON_STALL_SECONDS")
+    shown: set[str] = set()
+
+    def show_warning(warning: str) -> None:  # a stalled read: named now, while the backup still waits
+        shown.add(warning)
+        _print_warning(warning)
+
     with locked_repo(repo, SHARED, "backup") as repository:
         if interactive() and not json_out:
             with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
@@ -55,17 +63,17 @@ def backup(
                     bar.update(task, description=f"{c.total_files} files, {human_bytes(c.bytes_read)} read  "
                                                  f"[dim]{c.current[-60:]}[/]")
 
-                result = backup_files(repository, options, show)
+                result = backup_files(repository, options, show, show_warning)
         else:
-            result = backup_files(repository, options)
+            result = backup_files(repository, options, on_warning=show_warning)
     snap = result.snapshot
     s = snap.summary
     if json_out:
         print_json({"snapshot": snap.listing(), "warnings": result.warnings})
     else:
         for w in result.warnings:
-            # Paths as they are: never read as markup, never wrapped (logs are searched for them).
-            err_console.print(Text.assemble(("warning:", "yellow"), " ", w), soft_wrap=True)
+            if w not in shown:
+                _print_warning(w)
         console.print(
             f"files: {s['files_new']} new, {s['files_changed']} changed, {s['files_unmodified']} unmodified; "
             f"{s['dirs']} dirs; {human_bytes(s['total_bytes'])} in total"
@@ -78,3 +86,21 @@ def backup(
             err_console.print(f"[yellow]{len(result.warnings)} warning(s): the snapshot is incomplete or "
                               "inconsistent where they say[/]")
         raise typer.Exit(WARNINGS_EXIT)
+
+
+def _print_warning(warning: str) -> None:
+    # Paths as they are: never read as markup, never wrapped (logs are searched for them).
+    err_console.print(Text.assemble(("warning:", "yellow"), " ", warning), soft_wrap=True)
+
+
+def _seconds(variable: str) -> float:
+    import os
+
+    raw = os.environ[variable]
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise UsageError(f"{variable} must be a number of seconds above 0, not {raw!r}")
+    return value
