@@ -59,7 +59,7 @@ def entry_path(dir_fd: int, name: str) -> str:
 def read_xattrs(where: str | int) -> dict[str, str]:
     """Extended attributes of a path (a symlink itself, not followed) or of an open descriptor.
 
-    None where the file system has none; OSError when they are there but cannot be read.
+    Empty where the file system keeps none; OSError when they are there but cannot be read.
     """
     follow = isinstance(where, int)  # a descriptor has nothing to follow
     try:
