@@ -190,3 +190,10 @@ def test_a_stalled_read_is_named_while_the_backup_waits(hozon: Hozon, tmp_path: 
     assert proc.returncode == 3, stdout + stderr
     assert stderr.count(f"warning: {mnt}/slow:") == 1, stderr
     _assert_restored(hozon, mnt, {"/slow": 4000, "/fast": 3000})
+
+
+def test_a_stall_bound_that_is_no_number_is_refused(hozon: Hozon, tmp_path: Path) -> None:
+    (tmp_path / "src").mkdir()
+    run = hozon("backup", str(tmp_path / "src"), check=False, env={"HOZON_STALL_SECONDS": "soon"})
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert "HOZON_STALL_SECONDS must be a number of seconds above 0" in run.stderr
