@@ -8,9 +8,12 @@ restores byte-exact, each file left out is named in a warning, the backup exits 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
+import signal
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,6 +28,7 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("fusermount3") is None, reason="needs fusermount3 (Debian fuse3)"),
 ]
 
+F_SETLEASE = 1024  # fcntl.h; Python's fcntl module names it from 3.12 on
 BACKUP_TIMEOUT = 120  # a backup that waits on a FIFO or a stalled read would wait forever
 
 
@@ -197,3 +201,33 @@ def test_a_stall_bound_that_is_no_number_is_refused(hozon: Hozon, tmp_path: Path
     run = hozon("backup", str(tmp_path / "src"), check=False, env={"HOZON_STALL_SECONDS": "soon"})
     assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
     assert "HOZON_STALL_SECONDS must be a number of seconds above 0" in run.stderr
+
+
+def test_a_file_under_another_process_lease_is_read_once_it_is_given_up(hozon: Hozon, tmp_path: Path) -> None:
+    # A write lease (what Samba takes for a client's oplock): an open that must not wait fails at
+    # once while the holder is asked to give it up; the backup must wait for that, not skip the file.
+    src = tmp_path / "src"
+    src.mkdir()
+    leased = src / "leased"
+    leased.write_bytes(b"held by a file-sharing client\n" * 100)
+    fd = os.open(leased, os.O_RDWR)
+    asked: list[int] = []
+
+    def give_up(signum: int, _frame: object) -> None:
+        asked.append(signum)
+        fcntl.fcntl(fd, F_SETLEASE, fcntl.F_UNLCK)
+
+    before = signal.signal(signal.SIGIO, give_up)
+    try:
+        fcntl.fcntl(fd, F_SETLEASE, fcntl.F_WRLCK)
+        run = _backup(hozon, src)
+    finally:
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(fd, F_SETLEASE, fcntl.F_UNLCK)
+        signal.signal(signal.SIGIO, before)
+        os.close(fd)
+    assert asked, "the backup never asked for the lease"
+    assert run.returncode == 0, run.stdout + run.stderr
+    target = tmp_path / "restored"
+    hozon("restore", "latest", "--target", str(target))
+    assert (target / str(leased).lstrip("/")).read_bytes() == leased.read_bytes()

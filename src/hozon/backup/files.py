@@ -494,14 +494,30 @@ def _raise_open_file_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+LEASE_BREAK_WAIT = 50.0  # seconds: the kernel gives a lease holder /proc/sys/fs/lease-break-time (45 by default)
+
+
 def _open_for_reading(dir_fd: int, name: str) -> int:
     """Open without following a symlink swapped in since lstat, without touching atime, and without
-    waiting: a FIFO swapped in opens at once instead of blocking until a writer comes."""
+    waiting: a FIFO swapped in opens at once instead of blocking until a writer comes.
+
+    Without waiting, an open that conflicts with another process's lease (a Samba oplock) fails at
+    once while the kernel asks the holder to give it up: it is tried again for as long as a holder
+    may take.
+    """
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
-    try:
-        return os.open(name, flags | getattr(os, "O_NOATIME", 0), dir_fd=dir_fd)
-    except PermissionError:  # O_NOATIME needs ownership (or CAP_FOWNER)
-        return os.open(name, flags, dir_fd=dir_fd)
+    waited, delay = 0.0, 0.01
+    while True:
+        try:
+            try:
+                return os.open(name, flags | getattr(os, "O_NOATIME", 0), dir_fd=dir_fd)
+            except PermissionError:  # O_NOATIME needs ownership (or CAP_FOWNER)
+                return os.open(name, flags, dir_fd=dir_fd)
+        except BlockingIOError:
+            if waited >= LEASE_BREAK_WAIT:
+                raise
+            time.sleep(delay)
+            waited, delay = waited + delay, min(2 * delay, 1.0)
 
 
 def _username() -> str:
