@@ -225,20 +225,22 @@ LOCK = record({
 })
 
 def _extent(value: Any) -> list[int]:
-    pair: list[int] = list_of(integer(0))(value)
+    pair: list[int] = list_of(integer())(value)
     if len(pair) != 2:
         raise Invalid("is not an [offset, length] pair")
     return pair
 
 
+# Only JSON types are checked here (and ids, which prune and check turn into bytes): values that are
+# hostile but well-typed (a negative uid, a name with '/') cost their own entry at restore time.
+_INT = integer()
 NODE = record(
     {"name": text, "type": text},
     {
-        "mode": integer(0), "uid": integer(0), "gid": integer(0), "user": text, "group": text,
-        "mtime_ns": integer(), "ctime_ns": integer(), "inode": integer(0), "device": integer(0),
-        "links": integer(0), "size": integer(0), "content": list_of(BLOB_ID),
-        "extents": optional(list_of(_extent)), "subtree": optional(BLOB_ID),
-        "target": optional(text), "rdev": integer(0), "xattrs": map_of(base64_bytes()),
+        **dict.fromkeys(("mode", "uid", "gid", "mtime_ns", "ctime_ns", "inode", "device", "links", "size",
+                         "rdev"), _INT),
+        "user": text, "group": text, "content": list_of(BLOB_ID), "extents": optional(list_of(_extent)),
+        "subtree": optional(BLOB_ID), "target": optional(text), "xattrs": map_of(text),
     },
 )
 TREE = record({"nodes": list_of(NODE)})
