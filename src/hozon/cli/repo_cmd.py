@@ -15,7 +15,7 @@ from hozon.cli.common import (
     print_json,
     read_password,
 )
-from hozon.errors import UsageError
+from hozon.errors import RepositoryFull, UsageError
 from hozon.repo import schema
 from hozon.repo.backends import open_backend
 from hozon.repo.locks import EXCLUSIVE, list_locks, remove_stale_locks
@@ -37,7 +37,11 @@ def init(
 
     backend = open_backend(repo_location(repo))
     password = None if insecure_no_encryption else read_password(confirm=True, prompt="new repository password: ")
-    repository = Repository.init(backend, password, encrypted=not insecure_no_encryption)
+    try:
+        repository = Repository.init(backend, password, encrypted=not insecure_no_encryption)
+    except RepositoryFull as exc:
+        exc.hint = "free space, then run hozon init again: it finishes what this one began"
+        raise
     mode = "unencrypted (--insecure-no-encryption)" if insecure_no_encryption else "encrypted (AES-256-GCM)"
     console.print(f"created {mode} repository {repository.config['id'][:8]} at {backend.location}")
     if not insecure_no_encryption:

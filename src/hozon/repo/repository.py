@@ -83,15 +83,19 @@ class Repository:
             sealed_config = backend.get(CONFIG)
         except FileNotFoundError as exc:
             raise RepositoryNotFound(backend.location) from exc
-        problem: HozonError | None = None
+        wrong: WrongPassword | None = None
+        damaged: CorruptData | None = None  # a key file that is no key: named only if no key fits
         config_problem: CorruptData | None = None
         for key in sorted(backend.list("keys")):
             try:
                 master = _unlock_key(backend, key, password)
             except FileNotFoundError:
                 continue  # removed by a password change while we listed
-            except (WrongPassword, CorruptData) as exc:
-                problem = exc
+            except WrongPassword as exc:
+                wrong = exc
+                continue
+            except CorruptData as exc:
+                damaged = exc
                 continue
             repo = cls(backend, master, {}, key.rsplit("/", 1)[-1])
             try:
@@ -101,7 +105,7 @@ class Repository:
                 continue
             known.vouch(backend.location, repo.config["id"], master.encrypted, password_given=password is not None)
             return repo
-        raise config_problem or problem or CorruptData("keys/", "the repository has no key file")
+        raise config_problem or wrong or damaged or CorruptData("keys/", "the repository has no key file")
 
     @staticmethod
     def needs_password(backend: Backend) -> bool:
