@@ -170,5 +170,7 @@ def cat(
 
 def _check_hex_id(kind: str, object_id: str) -> None:
     """Blobs, index files and packs are named by 32-byte ids: 64 hex digits (never a path)."""
-    if len(object_id) != 64 or not all(c in "0123456789abcdefABCDEF" for c in object_id):
-        raise UsageError(f"{object_id!r} is not a {kind} id", hint=f"a {kind} id is 64 hexadecimal digits")
+    try:
+        schema.BLOB_ID(object_id)
+    except schema.Invalid as exc:
+        raise UsageError(f"{object_id!r} is not a {kind} id", hint=f"a {kind} id is 64 hexadecimal digits") from exc
