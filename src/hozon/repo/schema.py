@@ -224,6 +224,7 @@ LOCK = record({
     "kind": text, "hostname": text, "pid": integer(0), "command": text, "started": number, "refreshed": number,
 })
 
+
 def _extent(value: Any) -> list[int]:
     pair: list[int] = list_of(integer())(value)
     if len(pair) != 2:
@@ -244,7 +245,6 @@ NODE = record(
     },
 )
 TREE = record({"nodes": list_of(NODE)})
-
 
 _MAPPED = {"maps": list_of(BLOB_ID)}
 DISK = record({"name": text, "size": integer(0), "chunk_size": integer(1), **_MAPPED}, keep_unknown=True)
