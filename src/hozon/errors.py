@@ -12,6 +12,7 @@ a test keeps that table honest). Anything else that escapes is a bug and is show
     ├── LockLost                    exit 1   the command's lock went stale or was removed: it saved nothing
     ├── LockNotRemoved              exit 3   the work is done, but its lock could not be removed
     ├── WrongPassword               exit 12
+    ├── UntrustedRepository         exit 13  not the repository this client knows at that location
     ├── SnapshotNotFound            exit 1
     ├── CorruptData                 exit 1   a repository file fails its checks
     ├── RepositoryFull              exit 1   the repository's disk is full
@@ -100,6 +101,12 @@ class WrongPassword(HozonError):
             "wrong password: no key of this repository opens with it",
             hint="if the password is right, a key file under keys/ may be damaged: hozon list keys",
         )
+
+
+class UntrustedRepository(HozonError):
+    """The repository at a location is not what this client knew there (replaced, or downgraded)."""
+
+    exit_code = 13
 
 
 class SnapshotNotFound(HozonError):

@@ -25,9 +25,9 @@ import threading
 import time
 import weakref
 from dataclasses import asdict, dataclass
-from typing import Any
 
 from hozon.errors import CorruptData, HozonError, LockLost, LockNotRemoved, RepositoryLocked
+from hozon.repo import schema
 from hozon.repo.repository import Repository
 from hozon.repo.snapshots import this_host
 
@@ -78,12 +78,13 @@ def process_alive(pid: int) -> bool:
 
 
 def list_locks(repo: Repository) -> list[LockInfo]:
+    """The readable lock files; fields a newer Hozon added are ignored (``schema.LOCK``)."""
     locks: list[LockInfo] = []
     for key in repo.backend.list("locks"):
         name = key.rsplit("/", 1)[-1]
         try:
-            doc: dict[str, Any] = json.loads(repo.load_file(key, b"lock"))
-        except (CorruptData, FileNotFoundError, ValueError):
+            doc = schema.LOCK(schema.parse_json(repo.load_file(key, b"lock")))
+        except (CorruptData, FileNotFoundError, schema.Invalid):
             continue  # vanished while listing (refreshed or released) or unreadable: not a holder
         locks.append(LockInfo(name=name, **doc))
     return locks

@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
+from hozon.repo import schema
+
 FORMAT_VERSION = 1
 
 
@@ -36,9 +38,9 @@ class Snapshot:
         return doc
 
     @classmethod
-    def from_json(cls, doc: dict[str, Any], snapshot_id: str) -> Snapshot:
-        known = {k: v for k, v in doc.items() if k in cls.__dataclass_fields__}
-        return cls(**known, id=snapshot_id)
+    def decode(cls, data: bytes, snapshot_id: str) -> Snapshot:
+        """From a snapshot file's plaintext; raises ``schema.Invalid`` when it is not a snapshot's shape."""
+        return cls(**schema.snapshot(schema.parse_json(data)), id=snapshot_id)
 
     @property
     def short_id(self) -> str:
