@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import datetime
 from typing import Any
 
 import typer
@@ -18,6 +17,7 @@ from hozon.cli.common import (
     err_console,
     human_bytes,
     interactive,
+    local_time,
     locked_repo,
     open_repo,
     print_json,
@@ -197,7 +197,7 @@ def vm_ls(repo: str | None = RepoOption, json_out: bool = JsonOption) -> None:
             table.add_column(col)
         for e in entries:
             disks = e["disks"]
-            when = datetime.fromisoformat(str(e["time"])).strftime("%Y-%m-%d %H:%M:%S")
+            when = local_time(str(e["time"]))
             names = ", ".join(f"{d['name']} {human_bytes(d['size'] or 0)} ({d['mode']})" for d in disks)
             read = human_bytes(sum(d["bytes_read"] or 0 for d in disks))
             table.add_row(str(e["short_id"]), when, str(e["kind"]), names, read)
