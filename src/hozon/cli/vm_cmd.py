@@ -9,7 +9,14 @@ import typer
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from hozon.backup.image import ImageBackupOptions, ImageBackupResult, ProgressCallback, backup_images, backup_vm
+from hozon.backup.image import (
+    BackupMode,
+    ImageBackupOptions,
+    ImageBackupResult,
+    ProgressCallback,
+    backup_images,
+    backup_vm,
+)
 from hozon.cli.common import (
     JsonOption,
     RepoOption,
@@ -43,7 +50,7 @@ def vm_backup(
     libvirt: str = typer.Option(None, "--libvirt", help="A running libvirt domain (name, id or UUID)."),
     connect: str = typer.Option(None, "--connect", help="libvirt URI for --libvirt (default: virsh's)."),
     name: str = typer.Option(None, "--name", help="How the VM is called in the repository (default: QEMU's -name)."),
-    mode: str = typer.Option("auto", "--mode", help="auto (incremental when the chain allows), full, incremental."),
+    mode: BackupMode = typer.Option("auto", "--mode", help="auto: incremental when the chain allows."),
     vm_config: str = typer.Option(None, "--vm-config", help="File with the VM's QEMU command line, kept with it."),
     tag: list[str] = typer.Option([], "--tag", help="Tag the snapshot (repeatable)."),
     scratch: str = typer.Option(None, "--scratch", help="Directory for QEMU's point-in-time scratch images."),
