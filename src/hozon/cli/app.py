@@ -14,6 +14,7 @@ from hozon.cli import (
     check_cmd,
     checkpoint_cmd,
     forget_cmd,
+    repair_cmd,
     repo_cmd,
     restore_cmd,
     snapshots_cmd,
@@ -39,6 +40,7 @@ app.command()(forget_cmd.forget)
 app.command()(forget_cmd.prune)
 app.add_typer(repo_cmd.key_app, name="key")
 app.add_typer(repo_cmd.list_app, name="list")
+app.add_typer(repair_cmd.repair_app, name="repair")
 vm_cmd.vm_app.add_typer(checkpoint_cmd.checkpoint_app, name="checkpoint")
 vm_cmd.vm_app.command("memory")(checkpoint_cmd.vm_memory)
 app.add_typer(vm_cmd.vm_app, name="vm")
