@@ -11,7 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.conftest import Hozon, Run, tree_digest
+from tests.conftest import PASSWORD, Hozon, Run, tree_digest
+
+from hozon.repo.backends.local import LocalBackend
+from hozon.repo.locks import SHARED, Lock
+from hozon.repo.repository import Repository
 
 MiB = 1 << 20
 MakeTree = Callable[[dict[str, bytes | str]], Path]
@@ -92,6 +96,46 @@ def test_an_unreadable_pack_is_reported_and_left_alone(hozon: Hozon, make_tree: 
     assert len(doc["unreadable_packs"]) == 1 and doc["packs"] == 1
     assert run(hozon, "check").stdout.strip().endswith("no errors were found")
     assert restore(hozon, snapshot, tmp_path / "r", src) == tree_digest(src)
+
+
+def test_a_healthy_unencrypted_index_survives_its_identical_rebuild(make_tree: MakeTree, tmp_path: Path) -> None:
+    plain = Hozon(tmp_path / "plain")
+    run(plain, "init", "--insecure-no-encryption")
+    src = make_tree({"a.txt": "a"})
+    snapshot = backup(plain, src)
+    (index_file,) = (plain.repo / "index").iterdir()
+    run(plain, "repair", "index")  # unsealed bytes are deterministic: the new file has the old one's name
+    assert [f.name for f in (plain.repo / "index").iterdir()] == [index_file.name]
+    assert run(plain, "check").stdout.strip().endswith("no errors were found")
+    assert restore(plain, snapshot, tmp_path / "r", src) == tree_digest(src)
+
+
+def index_listing(hozon: Hozon) -> dict[str, int]:
+    """Pack → condemned_at, over every index file."""
+    listing: dict[str, int] = {}
+    for f in (hozon.repo / "index").iterdir():
+        for pack in json.loads(run(hozon, "cat", "index", f.name).stdout):
+            listing[pack["pack"]] = pack["condemned_at"]
+    return listing
+
+
+def test_a_condemned_pack_stays_condemned(hozon: Hozon, make_tree: MakeTree, tmp_path: Path) -> None:
+    src = make_tree({"old/a.bin": os.urandom(100_000), "new/b.bin": os.urandom(100_000)})
+    old = backup(hozon, src / "old")
+    (condemned_pack,) = packs(hozon)
+    kept = backup(hozon, src / "new")
+    repo = Repository.open(LocalBackend(hozon.repo), PASSWORD)
+    with Lock(repo, SHARED, "a backup that started before the prune"):  # so prune must wait
+        run(hozon, "forget", old, "--prune")
+    before = index_listing(hozon)
+    assert before[condemned_pack.name] > 0 and condemned_pack.exists()
+
+    run(hozon, "repair", "index")
+    assert index_listing(hozon) == before  # still condemned, with its stamp: never used for deduplication
+    run(hozon, "prune")
+    assert not condemned_pack.exists()
+    assert run(hozon, "check", "--read-data").stdout.strip().endswith("no errors were found")
+    assert snapshot_ids(hozon) == [kept]
 
 
 # -- repair snapshots -----------------------------------------------------------------------------
