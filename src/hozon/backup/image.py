@@ -135,10 +135,10 @@ def plan_disks(repo: Repository, qmp: QmpClient, disks: list[Disk], parent: Snap
             continue
         old = previous.get(disk.name)
         if parent is None:
-            plans.append(DiskPlan(disk, None, "first backup of this VM: no earlier snapshot of it in this repository"))
+            plans.append(DiskPlan(disk, None, "first backup of this VM (no earlier snapshot of it in this repository)"))
             continue
         if old is None:
-            plans.append(DiskPlan(disk, None, "first backup of this disk: the previous snapshot has no such disk"))
+            plans.append(DiskPlan(disk, None, "first backup of this disk (the previous snapshot has no such disk)"))
             continue
         reason = _chain_break(repo, qmp, disk, old, prefix)
         if reason:
