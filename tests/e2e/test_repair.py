@@ -227,6 +227,28 @@ def test_a_directory_whose_listing_is_lost_comes_back_empty(hozon: Hozon, make_t
     assert restored == expected and restored["many"][0] == "dir"
 
 
+def test_read_data_finds_damaged_chunks_and_prune_then_removes_them(hozon: Hozon, make_tree: MakeTree,
+                                                                    tmp_path: Path) -> None:
+    src = make_tree({"victim.bin": os.urandom(3 * MiB), "other.bin": os.urandom(3 * MiB), "small.txt": "s"})
+    backup(hozon, src)
+    pack, entry = max(((p, e) for p in packs(hozon) for e in pack_entries(hozon, p) if e["type"] == "data"),
+                      key=lambda pe: pe[1]["length"])
+    (victim,) = files_using(hozon, "latest", {entry["id"]})
+    data = bytearray(pack.read_bytes())
+    data[entry["offset"] + entry["length"] // 2] ^= 0x10
+    pack.write_bytes(bytes(data))
+
+    assert "no snapshot needs repair" in run(hozon, "repair", "snapshots").stdout  # the structure is whole
+    out = run(hozon, "repair", "snapshots", "--read-data", "--forget").stdout
+    assert f"{victim}: left out: part of its content is lost" in out
+    assert "hozon prune --repack-threshold 1" in out
+    run(hozon, "prune", "--repack-threshold", "1")
+    assert not pack.exists()
+    assert run(hozon, "check", "--read-data").stdout.strip().endswith("no errors were found")
+    (repaired,) = snapshot_ids(hozon)
+    assert restore(hozon, repaired, tmp_path / "r", src) == without(tree_digest(src), {victim}, src)
+
+
 def test_repair_snapshots_needs_a_sound_index_first(hozon: Hozon, make_tree: MakeTree) -> None:
     backup(hozon, make_tree({"a.txt": "a"}))
     for f in (hozon.repo / "index").iterdir():

@@ -97,6 +97,7 @@ def _snapshots_doc(result: SnapshotsRepair) -> dict[str, Any]:
 
     return {"dry_run": result.dry_run, "snapshots": [one(item) for item in result.snapshots],
             "unreadable_snapshots": result.unreadable, "dropped_packs": result.dropped_packs,
+            "damaged_packs": result.damaged_packs,
             "forgotten": result.forgotten}
 
 
@@ -118,6 +119,9 @@ def _render_snapshots(result: SnapshotsRepair, forget: bool) -> None:
         _say("no snapshot needs repair")
     if result.dropped_packs:
         _say(f"{len(result.dropped_packs)} missing pack(s) {would}dropped from the index")
+    if result.damaged_packs:
+        _say(f"{len(result.damaged_packs)} pack(s) hold damaged blobs; once the originals are gone, "
+             "hozon prune --repack-threshold 1 copies what is good out of them and deletes them")
     repaired = [item for item in result.snapshots if not item.refused]
     if result.forgotten:
         _say(f"{len(result.forgotten)} original snapshot(s) {would}removed")

@@ -17,7 +17,9 @@ is written again as a new snapshot with the same time, host, paths and tags, plu
 Image snapshots (VMs, checkpoints) with lost chunks are not repaired: a disk restored with zeros
 where chunks are lost would boot into silent corruption; they are reported, to be forgotten once
 nothing more can be got from them. Then the index drops the packs that are missing from ``data/``
-(no backup may deduplicate against them any more), and with ``forget`` the originals go.
+(no backup may deduplicate against them any more), and with ``forget`` the originals go. A pack
+that is there but holds damaged blobs stays indexed: once no snapshot uses those blobs, a prune
+that repacks it (``--repack-threshold 1``) copies its good blobs out and deletes it.
 """
 
 from __future__ import annotations
@@ -130,6 +132,7 @@ class SnapshotsRepair:
     snapshots: list[SnapshotRepair] = field(default_factory=list)
     unreadable: list[str] = field(default_factory=list)  # snapshot files that do not load
     dropped_packs: list[str] = field(default_factory=list)  # missing packs dropped from the index
+    damaged_packs: list[str] = field(default_factory=list)  # present, with blobs that fail (read_data)
     forgotten: list[str] = field(default_factory=list)
 
     @property
@@ -146,7 +149,8 @@ def repair_snapshots(repo: Repository, dry_run: bool = False, forget: bool = Fal
     _refuse_without_sound_index(damage)
     old_index_files = list(repo.index_files)
     snaps, unreadable = repo.readable_snapshots()
-    report = SnapshotsRepair(dry_run, unreadable=[exc.message for exc in unreadable])
+    report = SnapshotsRepair(dry_run, unreadable=[exc.message for exc in unreadable],
+                             damaged_packs=list(damage.result.damaged_packs))
     affected = {a.snapshot for a in damage.result.affected}
     done = {str(s.extra.get("repaired_from")): s for s in snaps if s.extra.get("repaired_from")}
     todo: list[SnapshotRepair] = []
