@@ -203,6 +203,10 @@ def test_without_forget_the_originals_stay_and_are_not_repaired_twice(
     again = run(hozon, "repair", "snapshots", expect=3).stdout
     assert again.count("already repaired as") == 2
     assert len(snapshot_ids(hozon)) == 4
+    forgotten = json.loads(run(hozon, "repair", "snapshots", "--forget", "--json").stdout)
+    assert forgotten["forgotten"] == originals
+    assert snapshot_ids(hozon) == repaired
+    assert run(hozon, "check").stdout.strip().endswith("no errors were found")
 
 
 def test_a_directory_whose_listing_is_lost_comes_back_empty(hozon: Hozon, make_tree: MakeTree,

@@ -111,6 +111,9 @@ def _render_snapshots(result: SnapshotsRepair, forget: bool) -> None:
         if item.refused:
             _say(f"  warning: not repaired: {item.refused}")
             continue
+        if item.repaired and not item.changes:
+            _say(f"  repaired before as {item.repaired.short_id}")
+            continue
         for change in item.changes:
             _say(f"  {change.path}: {change.what}")
         saved = f"saved as {item.repaired.short_id}" if item.repaired and item.repaired.id else "saved"

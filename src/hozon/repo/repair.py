@@ -154,6 +154,7 @@ def repair_snapshots(repo: Repository, dry_run: bool = False, forget: bool = Fal
     affected = {a.snapshot for a in damage.result.affected}
     done = {str(s.extra.get("repaired_from")): s for s in snaps if s.extra.get("repaired_from")}
     todo: list[SnapshotRepair] = []
+    go: list[str] = []  # originals to forget: those repaired now, and those repaired before
     for snap in snaps:
         if snap.id not in affected:
             continue
@@ -162,13 +163,17 @@ def repair_snapshots(repo: Repository, dry_run: bool = False, forget: bool = Fal
         if snap.tree is None:
             item.refused = IMAGE_REFUSED
         elif snap.id in done:
-            item.refused = f"already repaired as {done[snap.id].short_id}; remove it with: hozon forget {snap.short_id}"
+            item.repaired = done[snap.id]
+            if not forget:
+                item.refused = f"already repaired as {item.repaired.short_id}; --forget removes it"
         else:
             todo.append(item)
+        if forget and not item.refused:
+            go.append(snap.id)
     if dry_run:
         _rewrite_all(repo, damage.lost, todo, lambda data: repo.master.chunk_id(data))
         report.dropped_packs = list(damage.result.missing_packs)
-        report.forgotten = [item.original.id for item in todo] if forget else []
+        report.forgotten = go
         return report
 
     _never_deduplicate_against(repo, damage.lost)
@@ -179,10 +184,9 @@ def repair_snapshots(repo: Repository, dry_run: bool = False, forget: bool = Fal
         repo.save_snapshot(item.repaired)
     if damage.result.missing_packs:
         report.dropped_packs = _drop_missing_packs(repo, old_index_files, set(damage.result.missing_packs))
-    if forget:
-        for item in todo:
-            repo.delete_snapshot(item.original.id)
-            report.forgotten.append(item.original.id)
+    for snapshot_id in go:
+        repo.delete_snapshot(snapshot_id)
+        report.forgotten.append(snapshot_id)
     return report
 
 
