@@ -18,6 +18,7 @@ from hozon.cli import (
     forget_cmd,
     generate_cmd,
     manual,
+    repair_cmd,
     repo_cmd,
     restore_cmd,
     snapshots_cmd,
@@ -50,6 +51,7 @@ app.command()(forget_cmd.forget)
 app.command()(forget_cmd.prune)
 app.add_typer(repo_cmd.key_app, name="key")
 app.add_typer(repo_cmd.list_app, name="list")
+app.add_typer(repair_cmd.repair_app, name="repair")
 vm_cmd.vm_app.add_typer(checkpoint_cmd.checkpoint_app, name="checkpoint")
 vm_cmd.vm_app.command("memory")(checkpoint_cmd.vm_memory)
 app.add_typer(vm_cmd.vm_app, name="vm")

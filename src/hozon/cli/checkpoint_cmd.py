@@ -6,7 +6,7 @@ import shlex
 
 import typer
 
-from hozon.backup.image import ImageBackupOptions, backup_vm
+from hozon.backup.image import BackupMode, ImageBackupOptions, backup_vm
 from hozon.cli.common import (
     RepoOption,
     RetryLockOption,
@@ -33,7 +33,7 @@ def vm_checkpoint(
     libvirt: str = typer.Option(None, "--libvirt", help="A running libvirt domain (name, id or UUID)."),
     connect: str = typer.Option(None, "--connect", help="libvirt URI for --libvirt (default: virsh's)."),
     name: str = typer.Option(None, "--name", help="How the VM is called in the repository (default: QEMU's -name)."),
-    mode: str = typer.Option("auto", "--mode", help="Disks: auto (incremental when the chain allows), full, "
+    mode: BackupMode = typer.Option("auto", "--mode", help="Disks: auto (incremental when the chain allows), full, "
                                                      "incremental."),
     vm_config: str = typer.Option(None, "--vm-config",
                                   help="File with the VM's QEMU command line (one shell-quoted line): what "

@@ -9,6 +9,7 @@ import re
 import sys
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from datetime import datetime
 from typing import Any
 
 import typer
@@ -153,6 +154,11 @@ def print_json(doc: Any) -> None:
 
 def interactive() -> bool:
     return sys.stderr.isatty()
+
+
+def local_time(iso: str) -> str:
+    """A stored snapshot time in the viewer's zone, zone marked (``2026-12-07 17:00:02 EST``)."""
+    return datetime.fromisoformat(iso).astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
 
 
 def human_bytes(n: float) -> str:

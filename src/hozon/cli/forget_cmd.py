@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import datetime
 from typing import Any
 
 import typer
@@ -18,6 +17,7 @@ from hozon.cli.common import (
     err_console,
     human_bytes,
     interactive,
+    local_time,
     open_repo,
     parse_duration,
     print_json,
@@ -128,7 +128,7 @@ def _snapshot_table(decisions: Iterable[tuple[Snapshot, str]]) -> Table:
     for col in ("ID", "Time", "Host", "Tags", "Paths", "Reasons"):
         table.add_column(col)
     for snap, reasons in decisions:
-        when = datetime.fromisoformat(snap.time).strftime("%Y-%m-%d %H:%M:%S")
+        when = local_time(snap.time)
         cells = (snap.short_id, when, snap.hostname, ",".join(snap.tags), "\n".join(snap.paths), reasons)
         table.add_row(*(escape(c) for c in cells))
     return table

@@ -17,6 +17,7 @@ from hozon.cli.common import (
     console,
     err_console,
     human_bytes,
+    local_time,
     open_for_reading,
     print_json,
 )
@@ -58,7 +59,7 @@ def _print_table(snaps: list[Snapshot]) -> None:
     for col in ("ID", "Time", "Host", "Kind", "Tags", "Paths / disks", "Size", "Read"):
         table.add_column(col)
     for s in snaps:
-        when = datetime.fromisoformat(s.time).strftime("%Y-%m-%d %H:%M:%S")
+        when = local_time(s.time)
         size = human_bytes(s.summary.get("total_bytes", 0) + s.summary.get("state_bytes", 0))  # a checkpoint's too
         read = human_bytes(s.summary.get("bytes_read", 0))
         what = "\n".join(s.paths)

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import datetime
 from typing import Any
 
 import typer
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from hozon.backup.image import ImageBackupOptions, ImageBackupResult, ProgressCallback, backup_images, backup_vm
+from hozon.backup.image import (
+    BackupMode,
+    ImageBackupOptions,
+    ImageBackupResult,
+    ProgressCallback,
+    backup_images,
+    backup_vm,
+)
 from hozon.cli.common import (
     JsonOption,
     RepoOption,
@@ -19,6 +25,7 @@ from hozon.cli.common import (
     err_console,
     human_bytes,
     interactive,
+    local_time,
     locked_repo,
     open_repo,
     print_json,
@@ -45,7 +52,7 @@ def vm_backup(
     libvirt: str = typer.Option(None, "--libvirt", help="A running libvirt domain (name, id or UUID)."),
     connect: str = typer.Option(None, "--connect", help="libvirt URI for --libvirt (default: virsh's)."),
     name: str = typer.Option(None, "--name", help="How the VM is called in the repository (default: QEMU's -name)."),
-    mode: str = typer.Option("auto", "--mode", help="auto (incremental when the chain allows), full, incremental."),
+    mode: BackupMode = typer.Option("auto", "--mode", help="auto: incremental when the chain allows."),
     vm_config: str = typer.Option(None, "--vm-config", help="File with the VM's QEMU command line, kept with it."),
     tag: list[str] = typer.Option([], "--tag", help="Tag the snapshot (repeatable)."),
     scratch: str = typer.Option(None, "--scratch", help="Directory for QEMU's point-in-time scratch images."),
@@ -202,7 +209,7 @@ def vm_ls(repo: str | None = RepoOption, json_out: bool = JsonOption) -> None:
             table.add_column(col)
         for e in entries:
             disks = e["disks"]
-            when = datetime.fromisoformat(str(e["time"])).strftime("%Y-%m-%d %H:%M:%S")
+            when = local_time(str(e["time"]))
             names = ", ".join(f"{d['name']} {human_bytes(d['size'] or 0)} ({d['mode']})" for d in disks)
             read = human_bytes(sum(d["bytes_read"] or 0 for d in disks))
             table.add_row(str(e["short_id"]), when, str(e["kind"]), names, read)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import socket
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from hozon.repo import schema
@@ -56,7 +56,9 @@ class Snapshot:
 
 
 def now_iso() -> str:
-    return datetime.now().astimezone().isoformat()
+    """Now in UTC, ISO 8601 with ``+00:00``: hosts in different zones write comparable times, and
+    readers show them in their own zone. Older snapshots carry their writer's offset; both parse."""
+    return datetime.now(UTC).isoformat()
 
 
 def this_host() -> str:
