@@ -7,7 +7,6 @@ repository, reuses that entry without being read. Every snapshot is still logica
 
 from __future__ import annotations
 
-import fnmatch
 import os
 import threading
 import time
@@ -20,6 +19,7 @@ import numpy as np
 
 from hozon import __version__
 from hozon.chunking import CDC_MIN, ContentChunker
+from hozon.pathmatch import compiled
 from hozon.repo.pack import DATA, TREE
 from hozon.repo.recover import adopt_orphan_packs
 from hozon.repo.repository import Repository
@@ -83,8 +83,8 @@ class _FileBackup:
 
     # -- exclusion ------------------------------------------------------------------------------
     def excluded(self, path: str) -> bool:
-        name = os.path.basename(path)
-        return any(fnmatch.fnmatch(path, p) or fnmatch.fnmatch(name, p) for p in self.options.excludes)
+        """Whether the absolute ``path`` matches an exclude pattern (docs/patterns.md)."""
+        return bool(self.options.excludes) and compiled(tuple(self.options.excludes)).matches(path)
 
     # -- directories ----------------------------------------------------------------------------
     def backup_dir(self, path: str, parent_tree: str | None, root_dev: int | None) -> str:

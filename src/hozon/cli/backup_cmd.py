@@ -17,6 +17,7 @@ from hozon.cli.common import (
     print_json,
 )
 from hozon.errors import UsageError
+from hozon.pathmatch import compiled
 from hozon.repo.locks import SHARED
 
 WARNINGS_EXIT = 3
@@ -44,6 +45,7 @@ def backup(
             excludes += load_exclude_file(f)
         except OSError as exc:
             raise UsageError(f"cannot read exclude file {f}: {exc.strerror}") from exc
+    compiled(tuple(excludes))  # a pattern that names no path is a usage error before anything is read
     options = BackupOptions(paths=paths, tags=tag, excludes=excludes, one_file_system=one_file_system, hostname=host)
     with locked_repo(repo, SHARED, "backup") as repository:
         if interactive() and not json_out:
