@@ -266,6 +266,9 @@ def test_a_600_deep_tree_restores(hozon: Hozon, tmp_path: Path) -> None:
             below = tree([Node(f"level-{level:04}", DIR, mode=0o755, subtree=below)])
     repo.save_snapshot(Snapshot(time=now_iso(), hostname="h", paths=["/"], kind="files", tree=below))
 
+    run = restore(hozon, tmp_path / "all")
+    assert run.returncode == 0, run.stderr
+    assert f"1 files, {depth} dirs" in run.stdout
     target = tmp_path / "out"
     run = restore(hozon, target, "--include", "leaf.txt")  # an include found only at the bottom
     assert run.returncode == 0, run.stderr
