@@ -112,6 +112,7 @@ class _Dir:
     present: bool  # a directory of this name is in the target (before the restore or made by it)
     made: bool  # restored: created or merged, counted, gets its metadata
     replaces: bool = False  # a non-directory of this name is in the target, to be replaced
+    fresh: bool = False  # made by this restore: nothing in it was there before (no need to look)
 
 
 def _path(parts: list[str]) -> str:
@@ -224,7 +225,7 @@ class _Restore:
 
     def existing(self, directory: _Dir, name: str) -> os.stat_result | None:
         """What the target holds at ``name`` in ``directory`` (never followed), if anything."""
-        if not directory.present:
+        if not directory.present or directory.fresh:
             return None
         try:
             return os.lstat(name, dir_fd=self.dir_fd(directory.parts))
@@ -256,6 +257,7 @@ class _Restore:
             if not self.options.dry_run:
                 assert self.chain is not None
                 self.chain.open(d.parts, create=True)
+                d.fresh = not d.present
                 d.present = True
                 self.dirs.append((d.parts, d.node))
             d.made = True
