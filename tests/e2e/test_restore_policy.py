@@ -228,6 +228,8 @@ def test_targets_that_cannot_work(hozon: Hozon, tmp_path: Path, monkeypatch: pyt
     one_sentence(restore(hozon, a_file), 2, str(a_file), "not a directory")
     one_sentence(restore(hozon, a_file / "below"), 2, "below a file")
     one_sentence(restore(hozon, a_file / "below", "--dry-run"), 2, "below a file")
+    one_sentence(restore(hozon, tmp_path / "new", "--overwrite", "sometimes"), 2, "'sometimes'", "if-newer")
+    assert not (tmp_path / "new").exists()
     assert a_file.read_text() == "keep me"
 
 
