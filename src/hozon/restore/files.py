@@ -552,7 +552,7 @@ def restore_files(repo: Repository, snapshot: Snapshot, options: RestoreOptions,
     if options.overwrite not in OVERWRITE:
         raise UsageError(f"unknown overwrite policy {options.overwrite!r}; choose one of {', '.join(OVERWRITE)}")
     job = _Restore(repo, options, progress)
-    job.root_fd = open_target(options.target, options.dry_run)
+    job.root_fd = safe_fs.open_target(options.target, options.dry_run)
     job.chain = safe_fs.DirChain(job.root_fd)
     try:
         job.skeleton(snapshot.tree)
@@ -571,51 +571,3 @@ def restore_files(repo: Repository, snapshot: Snapshot, options: RestoreOptions,
             os.close(job.root_fd)
     return RestoreResult(job.counters, job.warnings)
 
-
-def open_target(target: str, dry_run: bool) -> int:
-    """The target directory, opened (created if missing, unless in a dry run: then -1 if missing).
-
-    What cannot work is said in one sentence: ``-`` (it is no directory), an existing file, a path
-    below a file, a directory this process cannot write in.
-    """
-    if target == "-":
-        raise UsageError("--target - is not supported: a file restore writes a directory tree, not a stream")
-    if not target:
-        raise UsageError("--target is empty")
-    try:
-        st = os.stat(target)  # a symlink to a directory is followed: the user named it
-    except FileNotFoundError:
-        st = None
-    except NotADirectoryError:
-        raise UsageError(f"--target {target} lies below a file, not a directory") from None
-    except OSError as exc:
-        raise HozonError(f"cannot use {target} as the restore target: {exc.strerror}") from exc
-    if st is not None and not stat.S_ISDIR(st.st_mode):
-        raise UsageError(f"--target {target} exists and is not a directory")
-    if st is None:
-        if dry_run:
-            _check_creatable(target)
-            return -1
-        try:
-            os.makedirs(target)
-        except NotADirectoryError:
-            raise UsageError(f"--target {target} lies below a file, not a directory") from None
-        except OSError as exc:
-            raise HozonError(f"cannot create the restore target {target}: {exc.strerror}") from exc
-    elif not dry_run and not os.access(target, os.W_OK | os.X_OK, effective_ids=True):
-        raise HozonError(f"cannot write in the restore target {target}: "
-                         f"{'read-only file system' if _read_only(target) else 'permission denied'}")
-    return os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-
-
-def _check_creatable(target: str) -> None:
-    """For a dry run: the nearest existing directory above a missing target must take it."""
-    above = os.path.dirname(os.path.abspath(target))
-    while not os.path.lexists(above):
-        above = os.path.dirname(above)
-    if not os.path.isdir(above):
-        raise UsageError(f"--target {target} lies below a file, not a directory")
-
-
-def _read_only(path: str) -> bool:
-    return bool(os.statvfs(path).f_flag & os.ST_RDONLY)

@@ -3,6 +3,7 @@
 Every path is walked from an open descriptor of the target, one component at a time with
 O_NOFOLLOW, so neither a symlink already in the target nor one the restore itself created can
 lead a write outside it. Stored names are checked before use: no '/', no NUL, not '.' or '..'.
+The target itself is checked once (``open_target``): what cannot work is one sentence.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import os
 import stat
 from collections.abc import Sequence
 
-from hozon.errors import RestoreOutsideTarget
+from hozon.errors import HozonError, RestoreOutsideTarget, UsageError
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -108,6 +109,55 @@ def create_hardlink(root_fd: int, existing: list[str], dir_fd: int, name: str) -
         os.link(existing[-1], name, src_dir_fd=src_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
     finally:
         os.close(src_fd)
+
+
+def open_target(target: str, dry_run: bool) -> int:
+    """The target directory, opened (created if missing, unless in a dry run: then -1 if missing).
+
+    What cannot work is said in one sentence: ``-`` (it is no directory), an existing file, a path
+    below a file, a directory this process cannot write in.
+    """
+    if target == "-":
+        raise UsageError("--target - is not supported: a file restore writes a directory tree, not a stream")
+    if not target:
+        raise UsageError("--target is empty")
+    try:
+        st = os.stat(target)  # a symlink to a directory is followed: the user named it
+    except FileNotFoundError:
+        st = None
+    except NotADirectoryError:
+        raise UsageError(f"--target {target} lies below a file, not a directory") from None
+    except OSError as exc:
+        raise HozonError(f"cannot use {target} as the restore target: {exc.strerror}") from exc
+    if st is not None and not stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"--target {target} exists and is not a directory")
+    if st is None:
+        if dry_run:
+            _check_creatable(target)
+            return -1
+        try:
+            os.makedirs(target)
+        except NotADirectoryError:
+            raise UsageError(f"--target {target} lies below a file, not a directory") from None
+        except OSError as exc:
+            raise HozonError(f"cannot create the restore target {target}: {exc.strerror}") from exc
+    elif not dry_run and not os.access(target, os.W_OK | os.X_OK, effective_ids=True):
+        raise HozonError(f"cannot write in the restore target {target}: "
+                         f"{'read-only file system' if _read_only(target) else 'permission denied'}")
+    return os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
+def _check_creatable(target: str) -> None:
+    """For a dry run: the nearest existing directory above a missing target must take it."""
+    above = os.path.dirname(os.path.abspath(target))
+    while not os.path.lexists(above):
+        above = os.path.dirname(above)
+    if not os.path.isdir(above):
+        raise UsageError(f"--target {target} lies below a file, not a directory")
+
+
+def _read_only(path: str) -> bool:
+    return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
 
 
 class DirChain:
