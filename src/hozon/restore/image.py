@@ -56,6 +56,7 @@ PREFETCH_BYTES = 32 * 1024 * 1024  # chunks fetched ahead of the writer: 16 at 1
 NBD_DEPTH = 4
 MAX_CHUNK_SIZE = 256 * 1024 * 1024
 OVERWRITE = (None, "always", "if-newer", "never")  # None: an image already there is an error
+OVERWRITE_HINT = "hozon vm restore replaces it with --overwrite always (or if-newer: only if older than the snapshot)"
 QEMU_UTILS_HINT = "install the Debian package qemu-utils, or restore raw images: --format raw"
 
 Progress = Callable[[int, int], None]
@@ -204,7 +205,7 @@ def _plan(repo: Repository, snapshot: Snapshot, to: str, disk: str | None, fmt: 
             raise HozonError(f"{path} exists and is not a regular file; not replacing it")
         if there is not None and overwrite is None:
             raise HozonError(f"{path} exists; remove it or choose another --to",
-                             hint="or replace it with: --overwrite always (if-newer: if older than the snapshot)")
+                             hint=OVERWRITE_HINT)
         action = "written"
         if there is not None:
             newer = snapshot.datetime.timestamp() * 1e9 > there.st_mtime_ns
@@ -465,7 +466,7 @@ def restore_image(repo: Repository, snapshot: Snapshot, to: str, disk: str | Non
             del metadata[name]  # there already, or kept by the policy
         elif os.path.lexists(path) and overwrite is None:
             raise HozonError(f"{path} exists with other content; remove it or choose another --to",
-                             hint="or replace it with: --overwrite always")
+                             hint=OVERWRITE_HINT)
     if dry_run:
         return [DiskRestore(d.name, d.path, d.format, d.size, 0, 0, d.action) for d in disks] + skipped
     if any(d.format == "qcow2" for d in disks):
