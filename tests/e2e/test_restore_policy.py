@@ -187,6 +187,10 @@ def test_overwrite_policy(restored_once: tuple[Hozon, Path, Path], policy: str |
     summary = json.loads(dry.stdout)
     assert summary["dry_run"] is True
     assert (summary["overwritten"], summary["skipped"]) == (len(replaced), 3 - len(replaced))
+    assert sorted(summary["existing"], key=lambda e: e["path"]) == [
+        {"action": "replace" if n in replaced else "keep", "path": str(src / n)} for n in sorted(edited)]
+    listing = restore(hozon, target, "--dry-run", *args).stdout
+    assert all(f"would {'replace' if n in replaced else 'keep'} {src / n}\n" in listing for n in edited), listing
 
     run = restore(hozon, target, "--json", *args)
     assert run.returncode == 0, run.stderr

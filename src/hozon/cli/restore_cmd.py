@@ -46,11 +46,14 @@ def restore(
     if json_out:
         print_json({"snapshot": snap.id, "target": target, "dry_run": dry_run, "files": c.files, "dirs": c.dirs,
                     "bytes": c.bytes_written, "overwritten": c.overwritten, "skipped": c.skipped,
-                    "warnings": result.warnings})
+                    "warnings": result.warnings,
+                    **({"existing": [{"action": a, "path": p} for a, p in result.existing]} if dry_run else {})})
     else:
         for w in result.warnings:
             # Paths as they are: never read as markup, never wrapped (logs are searched for them).
             err_console.print(Text.assemble(("warning:", "yellow"), " ", w), soft_wrap=True)
+        for action, path in result.existing:  # a dry run: what would happen to what is there
+            console.print(Text.assemble(f"would {action} ", path), soft_wrap=True)
         verb = "would restore" if dry_run else "restored"
         console.print(f"{verb} snapshot {snap.short_id} to {target}: {c.files} files, {c.dirs} dirs, "
                       f"{human_bytes(c.bytes_written)}; {c.overwritten} replaced, {c.skipped} left as they were",

@@ -91,6 +91,7 @@ class RestoreCounters:
 class RestoreResult:
     counters: RestoreCounters
     warnings: list[str]
+    existing: list[tuple[str, str]] = field(default_factory=list)  # dry run: ("replace"/"keep", path)
 
 
 @dataclass
@@ -134,6 +135,7 @@ class _Restore:
         self.links: dict[tuple[int, int], list[str]] = {}
         self.hardlinks: list[tuple[list[str], list[str], bool]] = []  # (first name, this name, replaces)
         self.failed: set[tuple[str, ...]] = set()  # files whose content could not be restored
+        self.there: list[tuple[str, str]] = []  # in a dry run: ("replace" or "keep", path) per entry there
         self.root_fd = -1
         self.chain: safe_fs.DirChain | None = None
         self._count_lock = threading.Lock()
@@ -143,6 +145,19 @@ class _Restore:
     def warn(self, parts: list[str], reason: str) -> None:
         with self._count_lock:
             self.warnings.append(f"{_path(parts)}: {reason}")
+
+    def kept(self, parts: list[str]) -> None:
+        """An entry in the target that the overwrite policy leaves as it is."""
+        self.counters.skipped += 1
+        if self.options.dry_run:
+            self.there.append(("keep", _path(parts)))
+
+    def replacing(self, parts: list[str], now: bool) -> None:
+        """An entry in the target that the restore replaces (a file: counted once it is written)."""
+        if self.options.dry_run:
+            self.there.append(("replace", _path(parts)))
+        if now or self.options.dry_run:
+            self.counters.overwritten += 1
 
     # -- selection ------------------------------------------------------------------------------
     def wanted(self, includes: State, excludes: State) -> tuple[bool, bool]:
@@ -238,7 +253,7 @@ class _Restore:
         something below it is. None when a non-directory in its place is kept."""
         present = existing is not None and stat.S_ISDIR(existing.st_mode)
         if existing is not None and not present and self.keep_existing(existing, node):
-            self.counters.skipped += 1
+            self.kept(parts)
             return None
         child = _Dir(parts, node, parent, includes, excludes, present, False, existing is not None and not present)
         if take:
@@ -262,7 +277,8 @@ class _Restore:
                 self.dirs.append((d.parts, d.node))
             d.made = True
             self.counters.dirs += 1
-            self.counters.overwritten += d.replaces
+            if d.replaces:
+                self.replacing(d.parts, now=True)
 
     def create(self, directory: _Dir, parts: list[str], node: Node, existing: os.stat_result | None) -> None:
         if node.type == SOCKET:  # recorded, but not restorable: a socket is made by its server
@@ -272,14 +288,16 @@ class _Restore:
         if existing is not None:
             if stat.S_ISDIR(existing.st_mode):
                 if self.options.overwrite == "never":
-                    self.counters.skipped += 1
+                    self.kept(parts)
                 else:
                     self.warn(parts, "a directory is in the way; it is left as it is")
                 return
             if self.keep_existing(existing, node):
-                self.counters.skipped += 1
+                self.kept(parts)
                 return
         self.make(directory)
+        if existing is not None:
+            self.replacing(parts, now=node.type != FILE)
         if node.type == FILE:
             key = (node.device, node.inode)
             if node.links > 1 and key in self.links:
@@ -290,7 +308,6 @@ class _Restore:
             self.files.append(_FileJob(parts, node, existing is not None))
             self.counters.total_bytes += node.size
             return
-        self.counters.overwritten += existing is not None
         if self.options.dry_run:
             return
         dir_fd = self.dir_fd(directory.parts)
@@ -559,7 +576,6 @@ def restore_files(repo: Repository, snapshot: Snapshot, options: RestoreOptions,
         if options.dry_run:
             job.counters.files = len(job.files)
             job.counters.bytes_written = job.counters.total_bytes
-            job.counters.overwritten += sum(j.replaces for j in job.files) + sum(r for _, _, r in job.hardlinks)
         else:
             with ThreadPoolExecutor(max(2, os.cpu_count() or 2), thread_name_prefix="hozon-restore") as pool:
                 job.contents(pool)
@@ -569,5 +585,5 @@ def restore_files(repo: Repository, snapshot: Snapshot, options: RestoreOptions,
         job.chain.close()
         if job.root_fd >= 0:
             os.close(job.root_fd)
-    return RestoreResult(job.counters, job.warnings)
+    return RestoreResult(job.counters, job.warnings, job.there)
 
