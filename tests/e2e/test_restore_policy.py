@@ -293,3 +293,23 @@ def test_a_600_deep_tree_restores(hozon: Hozon, tmp_path: Path) -> None:
     finally:
         os.close(fd)
 
+
+
+def test_a_chunk_in_no_index_costs_its_file_and_every_hard_link_of_it(hozon: Hozon, tmp_path: Path) -> None:
+    repo = open_repo(hozon)
+    with BlobWriter(repo) as writer:
+        good = writer.store(b"fine\n", 0).hex()
+        lost = "ab" * 32  # a chunk no index lists
+        nodes = [Node("a-lost", FILE, mode=0o644, size=5, content=[lost], inode=7, device=1, links=2),
+                 Node("b-link", FILE, mode=0o644, size=5, content=[lost], inode=7, device=1, links=2),
+                 Node("c-good", FILE, mode=0o644, size=5, content=[good])]
+        root = writer.store(json.dumps({"nodes": [n.to_json() for n in nodes]}).encode(), TREE).hex()
+    repo.save_snapshot(Snapshot(time=now_iso(), hostname="h", paths=["/"], kind="files", tree=root))
+
+    target = tmp_path / "out"
+    run = restore(hozon, target)
+    assert run.returncode == 3, run.stderr
+    assert "/a-lost: " in run.stderr and lost[:16] in run.stderr and "not restored" in run.stderr
+    assert "/b-link: not restored: it is a hard link of /a-lost" in run.stderr
+    assert sorted(os.listdir(target)) == ["c-good"]
+    assert (target / "c-good").read_bytes() == b"fine\n"
