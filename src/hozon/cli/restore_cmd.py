@@ -60,4 +60,3 @@ def restore(
                       markup=False)
     if result.warnings:
         raise typer.Exit(WARNINGS_EXIT)
-
