@@ -586,4 +586,3 @@ def restore_files(repo: Repository, snapshot: Snapshot, options: RestoreOptions,
         if job.root_fd >= 0:
             os.close(job.root_fd)
     return RestoreResult(job.counters, job.warnings, job.there)
-
