@@ -14,7 +14,6 @@ neither recursion nor PATH_MAX limits the depth of a tree.
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import os
 import resource
 import stat
@@ -29,6 +28,7 @@ import numpy as np
 
 from hozon import __version__
 from hozon.chunking import CDC_MIN, ContentChunker
+from hozon.pathmatch import compiled
 from hozon.repo.locks import confirm_held
 from hozon.repo.pack import DATA, TREE
 from hozon.repo.recover import adopt_orphan_packs
@@ -139,8 +139,8 @@ class _FileBackup:
 
     # -- exclusion ------------------------------------------------------------------------------
     def excluded(self, path: str) -> bool:
-        name = os.path.basename(path)
-        return any(fnmatch.fnmatch(path, p) or fnmatch.fnmatch(name, p) for p in self.options.excludes)
+        """Whether the absolute ``path`` matches an exclude pattern (docs/patterns.md)."""
+        return bool(self.options.excludes) and compiled(tuple(self.options.excludes)).matches(path)
 
     # -- the walk -------------------------------------------------------------------------------
     def walk(self, paths: list[str], parent_root: str | None) -> str:

@@ -21,6 +21,7 @@ from hozon.cli.common import (
     saving_snapshot,
 )
 from hozon.errors import UsageError
+from hozon.pathmatch import compiled
 from hozon.repo.locks import SHARED
 
 WARNINGS_EXIT = 3
@@ -47,6 +48,7 @@ def backup(
             excludes += load_exclude_file(f)
         except OSError as exc:
             raise UsageError(f"cannot read exclude file {f}: {exc.strerror}") from exc
+    compiled(tuple(excludes))  # a pattern that names no path is a usage error before anything is read
     options = BackupOptions(paths=paths, tags=tag, excludes=excludes, one_file_system=one_file_system, hostname=host)
     if "HOZON_STALL_SECONDS" in os.environ:
         options.stall_after = _seconds("HOZON_STALL_SECONDS")
