@@ -30,6 +30,7 @@ MATCHED = None  # a pattern's state once it matched an ancestor or the entry its
 
 PatternState = frozenset[int] | None  # positions of the pattern still to match, or MATCHED
 State = tuple[PatternState, ...]  # one per pattern, in order
+Positions = tuple[frozenset[int], ...]  # the same without MATCHED, for naming entries (find)
 
 
 class _Part:
@@ -62,13 +63,18 @@ class Pattern:
                 out.add(i)
         return frozenset(out)
 
+    def advance(self, positions: frozenset[int], name: str) -> frozenset[int]:
+        """The positions after entry ``name``; ``len(parts)`` among them: the pattern ends at this entry."""
+        end = len(self.parts)
+        after = [i if part.globstar else i + 1 for i in positions if i < end and (part := self.parts[i]).matches(name)]
+        if not self.anchored:
+            after.append(0)  # it may start at any depth
+        return self.closure(after)
+
     def step(self, state: PatternState, name: str) -> PatternState:
         if state is MATCHED or len(self.parts) in state:
             return MATCHED
-        after = [i if part.globstar else i + 1 for i in state if (part := self.parts[i]).matches(name)]
-        if not self.anchored:
-            after.append(0)  # it may start at any depth
-        reached = self.closure(after)
+        reached = self.advance(state, name)
         return MATCHED if len(self.parts) in reached else reached
 
 
@@ -131,6 +137,23 @@ class PatternList:
             if name:
                 state = self.child(state, name)
         return self.verdict(state)[0]
+
+    # -- naming entries (hozon find): a match does not take a directory's contents ---------------
+    def entry_child(self, positions: Positions, name: str) -> Positions:
+        """Like :meth:`child` from :meth:`root`, but a pattern that named a directory can name entries below it."""
+        return tuple(p.advance(s, name) for p, s in zip(self.patterns, positions, strict=True))
+
+    def entry_verdict(self, positions: Positions) -> tuple[bool, bool]:
+        """(the patterns name this very entry, some entry below it may be named)."""
+        named = descend = False
+        for pattern, s in zip(self.patterns, positions, strict=True):
+            ends = len(pattern.parts) in s
+            if pattern.negated:
+                named = named and not ends
+            else:
+                named = named or ends
+                descend = descend or any(i < len(pattern.parts) for i in s)
+        return named, descend
 
     def unused(self) -> list[str]:
         """The patterns (not negations) that matched no path."""

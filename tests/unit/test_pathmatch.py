@@ -113,3 +113,21 @@ def test_patterns_that_name_no_path_are_usage_errors(pattern: str) -> None:
         PatternList(["ok", pattern])
     assert caught.value.exit_code == 2
     assert repr(pattern) in caught.value.message
+
+
+def _named(patterns: list[str], path: str) -> bool:
+    """Whether find's rule names ``path`` itself (a match does not take a directory's contents)."""
+    matcher = PatternList(patterns)
+    positions = tuple(s for s in matcher.root() if s is not None)
+    for name in path.strip("/").split("/"):
+        positions = matcher.entry_child(positions, name)
+    return matcher.entry_verdict(positions)[0]
+
+
+def test_find_names_an_entry_only_when_the_pattern_ends_on_it() -> None:
+    assert _named(["*.conf"], "/etc/x.conf")
+    assert _named(["*.conf"], "/etc/x.conf/inner.conf")
+    assert not _named(["*.conf"], "/etc/x.conf/other.txt")  # inside a match, but not named by it
+    assert _named(["/etc/ssh"], "/etc/ssh") and not _named(["/etc/ssh"], "/etc/ssh/sshd_config")
+    assert _named(["/var/**/*.log"], "/var/log/a/b.log") and _named(["/var/**/*.log"], "/var/c.log")
+    assert not _named(["*.conf", "!a.conf"], "/etc/a.conf")

@@ -15,6 +15,7 @@ from hozon.cli import (
     check_cmd,
     checkpoint_cmd,
     dump_cmd,
+    find_cmd,
     forget_cmd,
     generate_cmd,
     manual,
@@ -41,6 +42,7 @@ app.command()(snapshots_cmd.snapshots)
 app.command()(snapshots_cmd.ls)
 app.command()(snapshots_cmd.diff)
 app.command()(dump_cmd.dump)
+app.command()(find_cmd.find)
 app.command()(stats_cmd.stats)
 app.command()(tag_cmd.tag)
 app.command()(restore_cmd.restore)
