@@ -85,10 +85,22 @@ def wait_for_socket(path: str, proc: subprocess.Popen[bytes], what: str) -> None
         if proc.poll() is not None:
             errors = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
             raise RuntimeError(f"{what} exited with {proc.returncode}: {errors}")
-        if os.path.exists(path):
+        if os.path.exists(path) and _listening(path):  # bound is not yet listening (a connect is refused)
             return
         time.sleep(0.02)
-    raise RuntimeError(f"{what} did not create {path}")
+    raise RuntimeError(f"{what} did not listen on {path}")
+
+
+def _listening(path: str) -> bool:
+    """Whether a unix socket at ``path`` is listening, seen in /proc/net/unix without connecting (a
+    connection would count as qemu-nbd's one client, and it exits when that client leaves)."""
+    with open("/proc/net/unix") as table:
+        next(table)
+        for line in table:
+            fields = line.split()
+            if len(fields) >= 8 and fields[7] == path and int(fields[3], 16) & 0x10000:  # __SO_ACCEPTCON
+                return True
+    return False
 
 
 @contextlib.contextmanager
