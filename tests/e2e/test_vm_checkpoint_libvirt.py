@@ -46,6 +46,7 @@ SAVE_HEADER = struct.Struct("<16sIIIII56x")
 
 pytestmark = [
     pytest.mark.timeout(240),
+    pytest.mark.xdist_group("libvirtd"),  # the daemon is shared: one worker
     *NEEDS_GUEST,
 ]
 

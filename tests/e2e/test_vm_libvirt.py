@@ -37,7 +37,8 @@ MiB = 1 << 20
 ORIGINAL_MAC = "52:54:00:4a:0e:01"
 START_TIMEOUT = 120.0  # libvirtd probes QEMU's capabilities once at its first start (seconds with /dev/kvm usable)
 
-pytestmark = pytest.mark.timeout(300)
+# One libvirtd serves the whole run: its modules stay on one pytest-xdist worker (scripts/test runs two).
+pytestmark = [pytest.mark.timeout(300), pytest.mark.xdist_group("libvirtd")]
 
 
 def virsh(*args: str, check: bool = True, timeout: float = 60) -> str:

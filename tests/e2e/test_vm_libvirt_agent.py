@@ -48,6 +48,7 @@ MiB = 1 << 20
 
 pytestmark = [
     pytest.mark.timeout(120),
+    pytest.mark.xdist_group("libvirtd"),  # the daemon is shared: one worker
     *NEEDS_GUEST,
 ]
 
