@@ -16,6 +16,7 @@ from hozon.cli import (
     forget_cmd,
     repo_cmd,
     restore_cmd,
+    server_cmd,
     snapshots_cmd,
     vm_cmd,
 )
@@ -42,6 +43,7 @@ app.add_typer(repo_cmd.list_app, name="list")
 vm_cmd.vm_app.add_typer(checkpoint_cmd.checkpoint_app, name="checkpoint")
 vm_cmd.vm_app.command("memory")(checkpoint_cmd.vm_memory)
 app.add_typer(vm_cmd.vm_app, name="vm")
+app.add_typer(server_cmd.server_app, name="server")
 
 
 @app.command()

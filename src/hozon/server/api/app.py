@@ -1,0 +1,22 @@
+"""The FastAPI application of one server process; routers are added per concern."""
+
+from __future__ import annotations
+
+from fastapi import Depends, FastAPI
+
+from hozon import __version__
+from hozon.server.api.deps import Principal, principal
+from hozon.server.context import ServerContext
+
+
+def create_app(ctx: ServerContext) -> FastAPI:
+    app = FastAPI(title="Hozon backup server", version=__version__, docs_url="/api/docs",
+                  openapi_url="/api/openapi.json", redoc_url=None)
+    app.state.context = ctx
+
+    @app.get("/api/v1/whoami")
+    def whoami(who: Principal = Depends(principal)) -> dict[str, object]:
+        """Who the credential belongs to (a quick check of a credential and of the TLS pinning)."""
+        return {"kind": who.kind, "name": who.name, "namespace": who.namespace, "version": __version__}
+
+    return app
