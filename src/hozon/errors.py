@@ -14,6 +14,7 @@ a test keeps that table honest). Anything else that escapes is a bug and is show
     ├── CorruptData                 exit 1   a repository file fails its checks
     ├── RepositoryFull              exit 1   the repository's disk is full
     ├── BackendError                exit 1   the storage failed in another way
+    ├── ServerError                 exit 1   the Hozon server refused a request or could not be reached
     ├── RestoreOutsideTarget        exit 1   a stored name tries to escape the restore target
     ├── NbdError                    exit 1   an NBD server misbehaved, refused or failed a request
     ├── QmpError                    exit 1   QEMU's monitor (QMP) could not be reached, misbehaved or went away
@@ -98,6 +99,14 @@ class RepositoryFull(HozonError):
 
 class BackendError(HozonError):
     pass
+
+
+class ServerError(HozonError):
+    """The Hozon server refused a request (``status`` is its HTTP status) or could not be reached (0)."""
+
+    def __init__(self, message: str, status: int = 0, hint: str | None = None) -> None:
+        super().__init__(message, hint)
+        self.status = status
 
 
 class RestoreOutsideTarget(HozonError):

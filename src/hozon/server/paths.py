@@ -12,12 +12,12 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from hozon.errors import UsageError
+from hozon.private_file import write_private as write_private  # where the server modules have it from
 
 NAMESPACE_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 DEFAULT_LISTEN = "127.0.0.1:8443"
@@ -111,17 +111,3 @@ def check_namespace(name: str) -> str:
         raise UsageError(f"{name!r} is not a valid namespace name",
                          hint="use lower-case letters, digits, '-' and '_' (at most 63)")
     return name
-
-
-def write_private(path: Path, text: str | bytes) -> None:
-    """Write a file only its owner can read, atomically (a temporary name, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    data = text.encode() if isinstance(text, str) else text
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from hozon.errors import BackendError, RepositoryFull
+from hozon.errors import BackendError, HozonError, RepositoryFull
 
 TMP_DIR = "tmp"
 
@@ -28,11 +27,8 @@ class LocalBackend:
 
     def put(self, key: str, data: bytes | memoryview) -> None:
         final = self._path(key)
-        tmp = self.root / TMP_DIR / f"{uuid.uuid4().hex}.tmp"
+        fd, tmp = self.temp_file()
         try:
-            final.parent.mkdir(parents=True, exist_ok=True)
-            tmp.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
                 view = memoryview(data)
                 while view:
@@ -41,14 +37,42 @@ class LocalBackend:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            with contextlib.suppress(FileExistsError):  # the key exists already: write-once
-                os.link(tmp, final)
-            os.unlink(tmp)
+            self.link(tmp, key)
         except OSError as exc:
+            raise self.write_error(final, exc) from exc
+        finally:
             tmp.unlink(missing_ok=True)
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise RepositoryFull(str(final)) from exc
-            raise BackendError(f"cannot write {final}: {exc.strerror}") from exc
+
+    def temp_file(self) -> tuple[int, Path]:
+        """A new private file under ``tmp/`` to write a key's content into, then :meth:`link`."""
+        tmp = self.root / TMP_DIR / f"{uuid.uuid4().hex}.tmp"
+        try:
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), tmp
+        except OSError as exc:
+            raise self.write_error(tmp, exc) from exc
+
+    def link(self, tmp: Path, key: str) -> bool:
+        """Give the written, fsynced ``tmp`` the name ``key`` too; False if ``key`` existed (write-once).
+
+        The caller removes ``tmp`` afterwards.
+        """
+        final = self._path(key)
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.link(tmp, final)
+            return True
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            raise self.write_error(final, exc) from exc
+
+    @staticmethod
+    def write_error(path: Path, exc: OSError) -> HozonError:
+        """The error for a failed write of ``path``: a full disk is told apart."""
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return RepositoryFull(str(path))
+        return BackendError(f"cannot write {path}: {exc.strerror}")
 
     def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
         path = self._path(key)
@@ -66,13 +90,21 @@ class LocalBackend:
         return self._path(key).exists()
 
     def list(self, prefix: str) -> Iterator[str]:
+        return (key for key, _size in self.list_sizes(prefix))
+
+    def list_sizes(self, prefix: str) -> Iterator[tuple[str, int]]:
+        """Keys under ``prefix`` with their sizes in bytes (a file removed meanwhile is left out)."""
         base = self._path(prefix.rstrip("/"))
         if not base.is_dir():
             return
         for dirpath, _dirs, files in os.walk(base):
             rel = Path(dirpath).relative_to(self.root).as_posix()
             for name in files:
-                yield f"{rel}/{name}"
+                try:
+                    size = os.stat(os.path.join(dirpath, name)).st_size
+                except FileNotFoundError:
+                    continue
+                yield (name if rel == "." else f"{rel}/{name}"), size
 
     def delete(self, key: str) -> None:
         try:

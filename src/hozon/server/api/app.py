@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import Depends, FastAPI
 
 from hozon import __version__
+from hozon.server.api import errors, routes_enrol, routes_storage
 from hozon.server.api.deps import Principal, principal
 from hozon.server.context import ServerContext
 
@@ -13,6 +14,9 @@ def create_app(ctx: ServerContext) -> FastAPI:
     app = FastAPI(title="Hozon backup server", version=__version__, docs_url="/api/docs",
                   openapi_url="/api/openapi.json", redoc_url=None)
     app.state.context = ctx
+    errors.install(app)
+    app.include_router(routes_enrol.router)
+    app.include_router(routes_storage.router)
 
     @app.get("/api/v1/whoami")
     def whoami(who: Principal = Depends(principal)) -> dict[str, object]:
