@@ -7,6 +7,7 @@ server's CA certificate instead of the system's trust store, and turns a refused
 
 from __future__ import annotations
 
+import hashlib
 import ssl
 from pathlib import Path
 
@@ -17,17 +18,28 @@ from hozon.errors import ServerError
 TIMEOUT = httpx.Timeout(60.0, connect=15.0)
 
 
-def pinned_context(ca_file: Path) -> ssl.SSLContext:
-    """A TLS context that trusts exactly the CA in ``ca_file`` (TLS 1.2 or newer)."""
-    context = ssl.create_default_context(cafile=str(ca_file))
+def fingerprint(cert_pem: bytes) -> str:
+    """SHA-256 of a certificate's DER bytes, lower-case hex: what users pin (``--fingerprint``)."""
+    return hashlib.sha256(ssl.PEM_cert_to_DER_cert(cert_pem.decode())).hexdigest()
+
+
+def normalise_fingerprint(text: str) -> str:
+    """Accept ``AB:CD:…``, ``sha256:abcd…`` or plain hex; give plain lower-case hex."""
+    return text.lower().removeprefix("sha256:").replace(":", "").strip()
+
+
+def pinned_context(ca: Path | bytes) -> ssl.SSLContext:
+    """A TLS context that trusts exactly one CA (a PEM file or PEM bytes), TLS 1.2 or newer."""
+    context = (ssl.create_default_context(cadata=ca.decode()) if isinstance(ca, bytes)
+               else ssl.create_default_context(cafile=str(ca)))
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     return context
 
 
-def client(base_url: str, ca_file: Path, secret: str | None = None) -> httpx.Client:
-    """A client of the server at ``base_url``; ``secret`` is sent as the bearer credential."""
+def client(base_url: str, ca: Path | bytes, secret: str | None = None) -> httpx.Client:
+    """A client of the server at ``base_url`` pinned to ``ca``; ``secret`` is sent as the bearer credential."""
     headers = {"Authorization": f"Bearer {secret}"} if secret else {}
-    return httpx.Client(base_url=base_url, verify=pinned_context(ca_file), headers=headers, timeout=TIMEOUT)
+    return httpx.Client(base_url=base_url, verify=pinned_context(ca), headers=headers, timeout=TIMEOUT)
 
 
 def detail(response: httpx.Response) -> str:

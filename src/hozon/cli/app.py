@@ -10,6 +10,7 @@ from rich.text import Text
 from hozon import __version__
 from hozon.allocator import tune_for_large_buffers
 from hozon.cli import (
+    agent_cmd,
     backup_cmd,
     check_cmd,
     checkpoint_cmd,
@@ -44,6 +45,8 @@ vm_cmd.vm_app.add_typer(checkpoint_cmd.checkpoint_app, name="checkpoint")
 vm_cmd.vm_app.command("memory")(checkpoint_cmd.vm_memory)
 app.add_typer(vm_cmd.vm_app, name="vm")
 app.add_typer(server_cmd.server_app, name="server")
+app.add_typer(agent_cmd.agent_app, name="agent")
+app.command()(agent_cmd.agents)
 
 
 @app.command()

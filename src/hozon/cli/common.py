@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 
 from hozon.errors import RepositoryNotFound, UsageError
-from hozon.repo.backends import open_backend
+from hozon.repo.backends import Backend, open_backend
 from hozon.repo.locks import Lock
 from hozon.repo.repository import Repository
 
@@ -23,7 +23,7 @@ console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isat
 err_console = Console(stderr=True, highlight=False)
 
 RepoOption = typer.Option(
-    None, "--repo", "-r", envvar="HOZON_REPO", help="Repository location (a directory). Env: HOZON_REPO."
+    None, "--repo", "-r", envvar="HOZON_REPO", help="Repository location: a directory, or hozon+https://HOST:PORT/NAMESPACE (an enrolled agent's). Env: HOZON_REPO."
 )
 JsonOption = typer.Option(False, "--json", help="Print machine-readable JSON.")
 
@@ -34,8 +34,8 @@ def repo_location(repo: str | None) -> str:
     return repo
 
 
-def read_password(confirm: bool = False, prompt: str = "repository password: ") -> str:
-    """From HOZON_PASSWORD, HOZON_PASSWORD_FILE, or a prompt on a terminal (in that order)."""
+def read_password(confirm: bool = False, prompt: str = "repository password: ", backend: Backend | None = None) -> str:
+    """From HOZON_PASSWORD, HOZON_PASSWORD_FILE, an enrolled agent's (a server repository), or a prompt."""
     if "HOZON_PASSWORD" in os.environ:
         return os.environ["HOZON_PASSWORD"]
     if "HOZON_PASSWORD_FILE" in os.environ:
@@ -45,6 +45,11 @@ def read_password(confirm: bool = False, prompt: str = "repository password: ") 
                 return f.read().rstrip("\n")
         except OSError as exc:
             raise UsageError(f"cannot read the password file {path}: {exc.strerror}") from exc
+    if backend is not None and backend.location.startswith("hozon+https:"):
+        from hozon.repo.backends.remote import RemoteBackend
+
+        if isinstance(backend, RemoteBackend):
+            return backend.password
     if not sys.stdin.isatty():
         raise UsageError("no password given", hint="set HOZON_PASSWORD or HOZON_PASSWORD_FILE, or run on a terminal")
     first = getpass.getpass(prompt)
@@ -59,7 +64,7 @@ def open_repo(repo: str | None, load_index: bool = True) -> Repository:
     backend = open_backend(repo_location(repo))
     if not backend.exists("config"):
         raise RepositoryNotFound(backend.location)
-    password = read_password() if Repository.needs_password(backend) else None
+    password = read_password(backend=backend) if Repository.needs_password(backend) else None
     repository = Repository.open(backend, password)
     if load_index:
         repository.load_index()

@@ -9,7 +9,6 @@ first contact, so no public CA and no trust-on-first-use of an unverified key is
 from __future__ import annotations
 
 import datetime
-import hashlib
 import ipaddress
 from pathlib import Path
 
@@ -18,21 +17,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from hozon.https import fingerprint as fingerprint  # what users pin; agents compute it too
 from hozon.server.paths import ServerDir, write_private
 
 CA_DAYS = 3650
 SERVER_DAYS = 730
-
-
-def fingerprint(cert_pem: bytes) -> str:
-    """SHA-256 of a certificate's DER bytes, lower-case hex (what ``--fingerprint`` takes)."""
-    cert = x509.load_pem_x509_certificate(cert_pem)
-    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
-
-
-def normalise_fingerprint(text: str) -> str:
-    """Accept ``AB:CD:…``, ``sha256:abcd…`` or plain hex; give plain lower-case hex."""
-    return text.lower().removeprefix("sha256:").replace(":", "").strip()
 
 
 def _name(common_name: str) -> x509.Name:

@@ -1,10 +1,15 @@
-"""Enrolment and the agents it makes: tokens (admin), ``POST /api/v1/enrol`` (token holder), agents (admin)."""
+"""Enrolment and the agents it makes: tokens (admin), ``POST /api/v1/enrol`` (token holder), agents (admin).
+
+The CA certificate and the enrol route take no bearer credential: the certificate is public (its
+fingerprint is what the enrolling side checks), and the enrolment token in the body is the credential.
+"""
 
 from __future__ import annotations
 
 import datetime
 
 from fastapi import APIRouter, Depends, Request
+from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, Field
 
 from hozon.server import enrolment
@@ -32,6 +37,12 @@ def create_token(body: TokenRequest, request: Request, who: Principal = Depends(
     new = enrolment.create_token(context(request), body.namespace, datetime.timedelta(seconds=body.expires_in))
     return {"token": new.token, "fingerprint": new.fingerprint, "url": new.url, "namespace": new.namespace,
             "expires": new.expires.isoformat()}
+
+
+@router.get("/ca.pem", response_class=PlainTextResponse)
+def ca_certificate(request: Request) -> str:
+    """The server's CA certificate: public, fetched by ``agent enroll`` and checked against its fingerprint."""
+    return context(request).server_dir.ca_cert.read_text()
 
 
 @router.post("/enrol", status_code=201)
