@@ -108,7 +108,7 @@ def test_token_and_agent_commands_need_the_admin_and_a_valid_namespace(tmp_path:
     with running_server(tmp_path) as server:
         bad = server.hozon("server", "token", "create", "--dir", str(server.directory), "--namespace", "Bad/Name",
                            check=False)
-        assert bad.returncode == 1 and "is not a valid namespace name" in bad.stderr
+        assert bad.returncode == 2 and "is not a valid namespace name" in bad.stderr
         duration = server.hozon("server", "token", "create", "--dir", str(server.directory), "--namespace", "lab",
                                 "--expires", "soon", check=False)
         assert duration.returncode == 2 and "'soon' is not a duration" in duration.stderr

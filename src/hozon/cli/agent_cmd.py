@@ -46,8 +46,8 @@ def agent_revoke(name: str = typer.Argument(..., help="The agent's name."), dire
 
     from hozon.server.admin_client import AdminClient
 
-    with AdminClient.from_dir(directory) as admin:
-        admin.request("POST", f"/api/v1/agents/{quote(name, safe='')}/revoke", f"revoke agent {name}")
+    with AdminClient.connect(directory, None, None, None) as admin:
+        admin.call("POST", f"/api/v1/agents/{quote(name, safe='')}/revoke")
     console.print(f"agent {name} is revoked", markup=False)
 
 
@@ -57,8 +57,8 @@ def agents(directory: Path = ServerDirOption, json_out: bool = JsonOption) -> No
 
     from hozon.server.admin_client import AdminClient
 
-    with AdminClient.from_dir(directory) as admin:
-        rows = admin.request("GET", "/api/v1/agents", "list the agents").json()
+    with AdminClient.connect(directory, None, None, None) as admin:
+        rows = admin.call("GET", "/api/v1/agents")
     if json_out:
         print_json(rows)
         return

@@ -23,7 +23,9 @@ console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isat
 err_console = Console(stderr=True, highlight=False)
 
 RepoOption = typer.Option(
-    None, "--repo", "-r", envvar="HOZON_REPO", help="Repository location: a directory, or hozon+https://HOST:PORT/NAMESPACE (an enrolled agent's). Env: HOZON_REPO."
+    None, "--repo", "-r", envvar="HOZON_REPO",
+    help="Repository location: a directory, or hozon+https://HOST:PORT/NAMESPACE (an enrolled agent's). "
+         "Env: HOZON_REPO."
 )
 JsonOption = typer.Option(False, "--json", help="Print machine-readable JSON.")
 

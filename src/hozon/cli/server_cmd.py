@@ -70,9 +70,8 @@ def token_create(
     """Make a one-time enrolment token for an agent (asks the running server)."""
     from hozon.server.admin_client import AdminClient
 
-    with AdminClient.from_dir(directory) as admin:
-        doc = admin.request("POST", "/api/v1/tokens", f"create a token for namespace {namespace}",
-                            json={"namespace": namespace, "expires_in": parse_duration(expires)}).json()
+    with AdminClient.connect(directory, None, None, None) as admin:
+        doc = admin.call("POST", "/api/v1/tokens", json={"namespace": namespace, "expires_in": parse_duration(expires)})
     if json_out:
         print_json({k: doc[k] for k in ("token", "fingerprint", "url", "namespace", "expires")})
         return

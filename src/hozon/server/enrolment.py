@@ -16,13 +16,13 @@ from dataclasses import dataclass
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
+from hozon.errors import ServerError
 from hozon.https import enrolment_token, split_enrolment_token
 from hozon.server import pki
 from hozon.server.catalog.models import Agent, EnrolmentToken, Namespace, utcnow
 from hozon.server.context import ServerContext
 from hozon.server.credentials import digest, new_secret
 from hozon.server.paths import NAMESPACE_RE
-from hozon.server.refused import Refused
 from hozon.server.setup import server_url
 from hozon.server.storage import ensure_namespace, namespace_password
 
@@ -51,9 +51,9 @@ class Enrolled:
 def create_token(ctx: ServerContext, namespace: str, lifetime: datetime.timedelta) -> NewToken:
     """A one-time enrolment token for ``namespace`` (created on first use), valid for ``lifetime``."""
     if not datetime.timedelta(seconds=1) <= lifetime <= MAX_LIFETIME:
-        raise Refused(400, "a token's lifetime must be between one second and 30 days")
+        raise ServerError("a token's lifetime must be between one second and 30 days", 400)
     if not NAMESPACE_RE.fullmatch(namespace):
-        raise Refused(400, f"{namespace!r} is not a valid namespace name (lower-case letters, digits, '-', '_')")
+        raise ServerError(f"{namespace!r} is not a valid namespace name (lower-case letters, digits, '-', '_')", 400)
     namespace_id = ensure_namespace(ctx, namespace)
     secret = new_secret("enrol")
     expires = utcnow() + lifetime
@@ -66,18 +66,18 @@ def create_token(ctx: ServerContext, namespace: str, lifetime: datetime.timedelt
 def enrol(ctx: ServerContext, token: str, name: str, hostname: str, version: str) -> Enrolled:
     """Spend ``token`` on a new agent called ``name``; nothing is written when it is refused."""
     if not AGENT_NAME_RE.fullmatch(name):
-        raise Refused(400, f"{name!r} is not a valid agent name (letters, digits, '.', '-', '_'; at most 128)")
+        raise ServerError(f"{name!r} is not a valid agent name (letters, digits, '.', '-', '_'; at most 128)", 400)
     secret_part, _fingerprint = split_enrolment_token(token)
     secret = new_secret("agent")
     try:
         with ctx.catalog.session() as s:
             row = s.scalars(select(EnrolmentToken).where(EnrolmentToken.sha256 == digest(secret_part))).one_or_none()
             if row is None:
-                raise Refused(401, "the enrolment token is not known to this server")
+                raise ServerError("the enrolment token is not known to this server", 401)
             if row.used_by is not None:
-                raise Refused(401, "the enrolment token was used already; create a new one")
+                raise ServerError("the enrolment token was used already; create a new one", 401)
             if as_utc(row.expires) <= utcnow():
-                raise Refused(401, "the enrolment token has expired; create a new one")
+                raise ServerError("the enrolment token has expired; create a new one", 401)
             namespace = s.get_one(Namespace, row.namespace_id).name
             agent = Agent(name=name, namespace_id=row.namespace_id, secret_sha256=digest(secret),
                           hostname=hostname[:255], version=version[:32])
@@ -87,10 +87,10 @@ def enrol(ctx: ServerContext, token: str, name: str, hostname: str, version: str
                                                            EnrolmentToken.used_by.is_(None))
                               .values(used_by=agent.id))
             if getattr(spent, "rowcount", 0) != 1:
-                raise Refused(401, "the enrolment token was used already; create a new one")
+                raise ServerError("the enrolment token was used already; create a new one", 401)
             agent_id = agent.id
     except IntegrityError:
-        raise Refused(409, f"an agent named {name} exists already; enrol with another --name") from None
+        raise ServerError(f"an agent named {name} exists already; enrol with another --name", 409) from None
     return Enrolled(agent_id, name, secret, namespace, namespace_password(ctx.server_dir, namespace))
 
 
@@ -107,7 +107,7 @@ def revoke(ctx: ServerContext, name: str) -> None:
     with ctx.catalog.session() as s:
         agent = s.scalars(select(Agent).where(Agent.name == name)).one_or_none()
         if agent is None:
-            raise Refused(404, f"no agent is named {name}")
+            raise ServerError(f"no agent is named {name}", 404)
         agent.revoked = True
 
 

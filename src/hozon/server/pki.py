@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from hozon.https import fingerprint as fingerprint  # what users pin; agents compute it too
+from hozon.https import normalise_fingerprint as normalise_fingerprint
 from hozon.server.paths import ServerDir, write_private
 
 CA_DAYS = 3650

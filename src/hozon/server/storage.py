@@ -26,14 +26,13 @@ import blake3
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from hozon.errors import HozonError
+from hozon.errors import HozonError, ServerError
 from hozon.private_file import write_private
 from hozon.repo.backends.local import LocalBackend
 from hozon.repo.repository import Repository
 from hozon.server.catalog.models import Namespace
 from hozon.server.context import ServerContext
 from hozon.server.paths import ServerDir, check_namespace
-from hozon.server.refused import Refused
 
 _NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
 _HASH = r"[0-9a-f]{64}"
@@ -50,25 +49,25 @@ _create_lock = threading.Lock()
 def check_key(key: str) -> str:
     """``key`` if it names a file a repository may hold (no ``..``, no absolute path, known prefix)."""
     if not _KEY_RE.fullmatch(key):
-        raise Refused(400, f"{key!r} is not a repository file name")
+        raise ServerError(f"{key!r} is not a repository file name", 400)
     return key
 
 
 def check_list_prefix(prefix: str) -> str:
     prefix = prefix.strip("/")
     if not _LIST_PREFIXES.fullmatch(prefix):
-        raise Refused(400, f"{prefix!r} is not a repository directory")
+        raise ServerError(f"{prefix!r} is not a repository directory", 400)
     return prefix
 
 
 def may_write(key: str, admin: bool) -> None:
     if not admin and not key.startswith(AGENT_WRITABLE):
-        raise Refused(403, f"an agent may not write {key}; only the server manages keys and config")
+        raise ServerError(f"an agent may not write {key}; only the server manages keys and config", 403)
 
 
 def may_delete(key: str, admin: bool) -> None:
     if not admin and not key.startswith(AGENT_DELETABLE):
-        raise Refused(403, f"an agent may not delete {key}; only the server deletes data")
+        raise ServerError(f"an agent may not delete {key}; only the server deletes data", 403)
 
 
 # -- namespaces ------------------------------------------------------------------------------------
@@ -102,7 +101,7 @@ def namespace_backend(server_dir: ServerDir, name: str) -> LocalBackend:
     """The namespace's repository; 404 when the namespace was never used."""
     root = server_dir.repository(name)
     if not (root / "config").exists():
-        raise Refused(404, f"namespace {name} has no repository")
+        raise ServerError(f"namespace {name} has no repository", 404)
     return LocalBackend(root)
 
 
@@ -173,9 +172,9 @@ class Upload:
         """True when the key was created, False when an identical file was there already (a retry)."""
         try:
             if expected_size is not None and expected_size != self.size:
-                raise Refused(400, f"{self.key}: received {self.size} of {expected_size} bytes")
+                raise ServerError(f"{self.key}: received {self.size} of {expected_size} bytes", 400)
             if self._hash is not None and not self.key.endswith(self._hash.hexdigest()):
-                raise Refused(400, f"the content sent for {self.key} does not match its name")
+                raise ServerError(f"the content sent for {self.key} does not match its name", 400)
             os.fsync(self.fd)
         except BaseException:
             self.abort()
@@ -187,7 +186,7 @@ class Upload:
                 return True
             # A retry of a hashed key sent the same bytes (checked above); other keys are compared.
             if self._hash is None and not _same_content(self.tmp, self.backend.root / self.key):
-                raise Refused(409, f"{self.key} exists already with different content")
+                raise ServerError(f"{self.key} exists already with different content", 409)
             return False
         finally:
             self.tmp.unlink(missing_ok=True)

@@ -17,10 +17,10 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
+from hozon.errors import ServerError
 from hozon.repo.backends.local import TMP_DIR, LocalBackend
 from hozon.server.api.deps import Principal, context, principal
 from hozon.server.paths import NAMESPACE_RE
-from hozon.server.refused import Refused
 from hozon.server.storage import (
     Upload,
     check_key,
@@ -39,7 +39,7 @@ READ_PIECE = 1 << 20
 def _backend(request: Request, namespace: str, who: Principal) -> LocalBackend:
     who.require_namespace(namespace)
     if not NAMESPACE_RE.fullmatch(namespace):
-        raise Refused(404, f"namespace {namespace} has no repository")
+        raise ServerError(f"namespace {namespace} has no repository", 404)
     return namespace_backend(context(request).server_dir, namespace)
 
 
@@ -120,7 +120,7 @@ def _size(path: os.PathLike[str], key: str) -> int:
     try:
         return os.stat(path).st_size
     except FileNotFoundError:
-        raise Refused(404, f"{key} does not exist") from None
+        raise ServerError(f"{key} does not exist", 404) from None
 
 
 def _parse_range(header: str, size: int) -> tuple[int, int]:
@@ -135,9 +135,9 @@ def _parse_range(header: str, size: int) -> tuple[int, int]:
         else:
             start, end = int(first), (min(int(last) + 1, size) if last else size)
     except ValueError:
-        raise Refused(400, f"unsupported Range header {header!r}") from None
+        raise ServerError(f"unsupported Range header {header!r}", 400) from None
     if start >= size or start >= end:
-        raise Refused(416, f"range {header!r} is outside the file's {size} bytes")
+        raise ServerError(f"range {header!r} is outside the file's {size} bytes", 416)
     return start, end
 
 
