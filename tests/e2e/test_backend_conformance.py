@@ -15,6 +15,8 @@ from hozon.agent.config import AgentConfig
 from hozon.errors import BackendError, UsageError
 from hozon.repo.backends import Backend, LocalBackend, open_backend
 from hozon.repo.backends.remote import RemoteBackend
+from hozon.server import pki
+from hozon.server.paths import ServerDir
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +133,25 @@ def test_the_remote_backend_retries_while_the_server_restarts(server: RunningSer
     finally:
         restarter.join()
         remote.close()
+
+
+def test_a_server_whose_ca_is_not_the_pinned_one_is_refused(server: RunningServer, tmp_path: Path) -> None:
+    agent = new_agent(server, tmp_path / "agent")
+    other = ServerDir(tmp_path / "other")
+    pki.create_ca(other)
+    (agent.directory / "ca.pem").write_bytes(other.ca_cert.read_bytes())  # as if the agent had pinned another CA
+    remote = RemoteBackend(f"hozon+https://{server.url.removeprefix('https://')}/{agent.namespace}", agent)
+    with pytest.raises(BackendError, match="did not present a certificate signed by the pinned CA"):
+        remote.exists("config")
+    remote.close()
+
+
+def test_a_range_the_server_cannot_serve_is_refused_in_one_sentence(server: RunningServer, tmp_path: Path) -> None:
+    agent = new_agent(server, tmp_path / "agent")
+    with server.client() as admin:
+        assert admin.get("/api/v1/repo/x/objects/config", headers={"range": "lines=1-2"}).status_code == 404
+        key = f"/api/v1/repo/{agent.namespace}/objects/config"
+        assert admin.get(key, headers={"range": "lines=1-2"}).json()["detail"] == "unsupported Range header 'lines=1-2'"
 
 
 def test_a_server_repository_needs_an_agent_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

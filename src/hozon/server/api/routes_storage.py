@@ -124,16 +124,13 @@ def _size(path: os.PathLike[str], key: str) -> int:
 
 
 def _parse_range(header: str, size: int) -> tuple[int, int]:
-    """``bytes=a-b``, ``bytes=a-`` or ``bytes=-n`` as [start, end); one range only."""
+    """``bytes=a-b`` or ``bytes=a-`` (what the client sends) as [start, end); one range only."""
     unit, _, spec = header.partition("=")
     first, dash, last = spec.strip().partition("-")
     try:
-        if unit.strip() != "bytes" or not dash or "," in spec:
+        if unit.strip() != "bytes" or not dash:
             raise ValueError
-        if not first:
-            start, end = max(0, size - int(last)), size
-        else:
-            start, end = int(first), (min(int(last) + 1, size) if last else size)
+        start, end = int(first), (min(int(last) + 1, size) if last else size)
     except ValueError:
         raise ServerError(f"unsupported Range header {header!r}", 400) from None
     if start >= size or start >= end:
