@@ -16,6 +16,7 @@ from hozon.cli import (
     dump_cmd,
     forget_cmd,
     generate_cmd,
+    job_cmd,
     manual,
     repo_cmd,
     restore_cmd,
@@ -52,6 +53,7 @@ vm_cmd.vm_app.add_typer(checkpoint_cmd.checkpoint_app, name="checkpoint")
 vm_cmd.vm_app.command("memory")(checkpoint_cmd.vm_memory)
 app.add_typer(vm_cmd.vm_app, name="vm")
 app.add_typer(server_cmd.server_app, name="server")
+app.add_typer(job_cmd.job_app, name="job")
 
 
 app.command()(generate_cmd.generate)

@@ -2,21 +2,37 @@
 
 from __future__ import annotations
 
-from fastapi import Depends, FastAPI
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse
 
 from hozon import __version__
+from hozon.errors import HozonError, ServerError, UsageError
+from hozon.server.api import metrics, routes_admin, routes_agent
 from hozon.server.api.deps import Principal, principal
 from hozon.server.context import ServerContext
+from hozon.server.maintenance import Maintenance
 
 
-def create_app(ctx: ServerContext) -> FastAPI:
+def create_app(ctx: ServerContext, maintenance: Maintenance | None = None) -> FastAPI:
     app = FastAPI(title="Hozon backup server", version=__version__, docs_url="/api/docs",
                   openapi_url="/api/openapi.json", redoc_url=None)
     app.state.context = ctx
+    app.state.maintenance = maintenance or Maintenance(ctx)
+    app.state.metrics_digest = metrics.metrics_digest(ctx.server_dir)
+
+    @app.exception_handler(HozonError)
+    def hozon_error(_request: Request, exc: HozonError) -> JSONResponse:
+        """A typed error from the server's code is the request's one-sentence answer."""
+        status = exc.status if isinstance(exc, ServerError) and exc.status else 400 if isinstance(
+            exc, UsageError) else 500
+        return JSONResponse({"detail": exc.message, "hint": exc.hint}, status_code=status)
 
     @app.get("/api/v1/whoami")
     def whoami(who: Principal = Depends(principal)) -> dict[str, object]:
         """Who the credential belongs to (a quick check of a credential and of the TLS pinning)."""
         return {"kind": who.kind, "name": who.name, "namespace": who.namespace, "version": __version__}
 
+    app.include_router(routes_admin.router)
+    app.include_router(routes_agent.router)
+    app.include_router(metrics.router)
     return app
