@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.markup import escape
@@ -16,7 +16,9 @@ from rich.table import Table
 
 from hozon.cli.common import JsonOption, console, err_console, human_bytes, print_json
 from hozon.errors import HozonError, ServerError, UsageError
-from hozon.server.admin_client import AdminClient
+
+if TYPE_CHECKING:
+    from hozon.server.admin_client import AdminClient
 
 job_app = typer.Typer(help="Define backup jobs on the server, run them, and read their runs.", no_args_is_help=True)
 
@@ -37,6 +39,8 @@ FingerprintOption = typer.Option(None, "--fingerprint", metavar="SHA256", envvar
 
 
 def _client(directory: Path | None, server: str | None, ca: Path | None, fingerprint: str | None) -> AdminClient:
+    from hozon.server.admin_client import AdminClient  # httpx and the server's modules: only when used
+
     return AdminClient.connect(directory, server, ca, fingerprint)
 
 

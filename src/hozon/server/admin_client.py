@@ -19,7 +19,6 @@ import httpx
 from hozon.errors import ServerError, UsageError
 from hozon.server import pki
 from hozon.server.paths import ServerDir
-from hozon.server.setup import server_url
 
 TIMEOUT = 60.0
 
@@ -35,6 +34,8 @@ class AdminClient:
                 fingerprint: str | None) -> AdminClient:
         """From ``--dir`` on the server host, or ``--server`` + ``HOZON_SERVER_TOKEN`` + ``--ca`` elsewhere."""
         if directory is not None:
+            from hozon.server.setup import server_url  # (it imports the catalog's migrations)
+
             server_dir = ServerDir(directory)
             settings = server_dir.load_settings()
             token = server_dir.admin_token.read_text().strip()

@@ -66,12 +66,16 @@ class FinishIn(BaseModel):
     bytes_stored: int | None = Field(None, ge=0)
 
 
-def _own_run(s: Session, run_id: int, who: Principal) -> Run:
+def _held_run(s: Session, run_id: int, who: Principal) -> Run:
+    """The run, if it is this agent's and it still holds it: 404, 403 or 409 otherwise."""
     run = s.get(Run, run_id)
     if run is None:
         raise HTTPException(404, f"no run {run_id}")
     if run.job.agent_id != who.agent_id:
         raise HTTPException(403, f"run {run_id} belongs to another agent")
+    if run.state != "running" or run.lease_owner != owner(who):
+        why = f" ({run.reason})" if run.reason else ""
+        raise HTTPException(409, f"run {run_id} is no longer held by this agent: it is {run.state}{why}")
     return run
 
 
@@ -107,7 +111,7 @@ def progress(run_id: int, body: ProgressIn, who: Principal = Depends(agent),
              ctx: ServerContext = Depends(context)) -> dict[str, Any]:
     """Store how far the run is, and renew its lease."""
     with ctx.catalog.session() as s:
-        _own_run(s, run_id, who)
+        _held_run(s, run_id, who)
         expires = renew(s, run_id, owner(who), body.model_dump(exclude_none=True))
     return {"lease_expires": iso(expires)}
 
@@ -116,9 +120,7 @@ def progress(run_id: int, body: ProgressIn, who: Principal = Depends(agent),
 def log_lines(run_id: int, body: LogIn, who: Principal = Depends(agent),
               ctx: ServerContext = Depends(context)) -> None:
     with ctx.catalog.session() as s:
-        run = _own_run(s, run_id, who)
-        if run.state != "running" or run.lease_owner != owner(who):
-            raise HTTPException(409, f"run {run_id} is no longer held by this agent: it is {run.state}")
+        _held_run(s, run_id, who)
         if body.lines:
             add_log(s, run_id, *body.lines)
 
@@ -128,7 +130,7 @@ def finish_run(run_id: int, body: FinishIn, request: Request, who: Principal = D
                ctx: ServerContext = Depends(context)) -> dict[str, Any]:
     """Record the outcome; a snapshot it names must be in the namespace's repository already."""
     with ctx.catalog.session() as s:
-        run = _own_run(s, run_id, who)
+        run = _held_run(s, run_id, who)
         namespace = run.job.namespace.name
         if body.snapshot_id is not None:
             if not SNAPSHOT_ID.fullmatch(body.snapshot_id):
