@@ -72,19 +72,17 @@ def queue_run(s: Session, job: Job, trigger: str) -> Queued:
         s.execute(select(Job.id).where(Job.id == job.id).with_for_update())  # queueing of one job in turn
     waiting = select(Run.id).where(Run.job_id == job.id, Run.state == "queued")
     now = utcnow()
-    inserted = changed(s,
+    new_id = s.scalars(
         insert(Run).from_select(
             ["job_id", "state", "trigger", "queued_at", "reason", "bytes_read", "bytes_stored", "progress"],
             select(literal(job.id), literal("queued"), literal(trigger), literal(now, Run.queued_at.type),
                    literal(""), literal(0), literal(0), literal({}, Run.progress.type))
             .where(~exists(waiting)),
-        )
-    )
-    if inserted == 1:
-        run_id = s.scalars(waiting.order_by(Run.id.desc())).first()
-        assert run_id is not None
-        add_log(s, run_id, f"queued ({trigger})")
-        return Queued(run_id, True)
+        ).returning(Run.id)
+    ).first()
+    if new_id is not None:
+        add_log(s, new_id, f"queued ({trigger})")
+        return Queued(new_id, True)
     existing = s.scalars(waiting).first()
     assert existing is not None
     return Queued(existing, False)
