@@ -10,7 +10,15 @@ from pathlib import Path
 
 import pytest
 from tests.hozon_server import RunningServer, running_server
-from tests.server_fixtures import NEEDS_POSTGRES, AgentApi, Postgres, add_agent, namespace_repository, postgres, wait_for
+from tests.server_fixtures import (
+    NEEDS_POSTGRES,
+    AgentApi,
+    Postgres,
+    add_agent,
+    namespace_repository,
+    postgres,
+    wait_for,
+)
 
 __all__ = ["postgres"]  # a fixture used by name
 
