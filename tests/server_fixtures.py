@@ -7,6 +7,7 @@ these tests need no enrolment code; the agent protocol is then driven with httpx
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import itertools
 import os
@@ -136,11 +137,11 @@ def _as_postgres(args: list[str]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *args] if os.geteuid() == 0 else args
 
 
-@pytest.fixture(scope="session")
-def postgres() -> Iterator[Postgres]:
-    """One PostgreSQL server for the session, listening only on a unix socket in a temp directory."""
+@contextlib.contextmanager
+def start_postgres() -> Iterator[Postgres]:
+    """A PostgreSQL server listening only on a unix socket in a temp directory, removed afterwards."""
     initdb, pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
-    assert initdb and pg_ctl
+    assert initdb and pg_ctl, "PostgreSQL's initdb and pg_ctl are not installed"
     base = Path(tempfile.mkdtemp(prefix="hozon-pg-"))  # short: a socket path has at most 107 bytes
     if os.geteuid() == 0:
         shutil.chown(base, "postgres", "postgres")
@@ -157,6 +158,13 @@ def postgres() -> Iterator[Postgres]:
         subprocess.run(_as_postgres([pg_ctl, "-D", str(data), "-m", "immediate", "stop"]), capture_output=True,
                        timeout=120)
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    """One PostgreSQL server for the test session."""
+    with start_postgres() as pg:
+        yield pg
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=NEEDS_POSTGRES)])

@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, Field
 from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, joinedload
 
 from hozon.errors import ServerError
 from hozon.server.api.deps import Principal, context, principal
@@ -85,7 +85,7 @@ def list_runs(job: str | None = None, limit: int = Query(50, ge=1, le=10_000), _
               ctx: ServerContext = Depends(context)) -> list[dict[str, Any]]:
     """The newest runs first (of one job with ``?job=NAME``)."""
     with ctx.catalog.session() as s:
-        query = select(Run).order_by(Run.id.desc()).limit(limit)
+        query = select(Run).options(joinedload(Run.job)).order_by(Run.id.desc()).limit(limit)
         if job is not None:
             query = query.where(Run.job_id == find_job(s, job).id)
         return [run_doc(r) for r in s.scalars(query)]
