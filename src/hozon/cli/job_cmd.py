@@ -75,7 +75,8 @@ def job_add(
     keep_yearly: int = typer.Option(0, "--keep-yearly", metavar="N", help="Keep the newest of each of N years."),
     keep_within: str = typer.Option(None, "--keep-within", metavar="DURATION",
                                     help="Keep every snapshot this close to the job's newest (1y6m, 14d)."),
-    disabled: bool = typer.Option(False, "--disabled", help="Define the job without running it yet."),
+    disabled: bool = typer.Option(False, "--disabled",
+                                  help="Define the job without scheduling it (job run still runs it)."),
     directory: Path = DirOption, server: str = ServerOption, ca: Path = CaOption, fingerprint: str = FingerprintOption,
     json_out: bool = JsonOption,
 ) -> None:

@@ -3,9 +3,9 @@
 A job of kind ``files``, ``vm`` or ``checkpoint`` runs on one agent and writes into that agent's
 namespace; ``verify`` and ``prune`` run on the server itself over one namespace's repository. The
 ``spec`` is the kind's parameters (what the agent passes to the backup code); ``schedule`` is a
-cron expression in the server's local time; ``retention`` is a ``forget`` policy applied to the
-job's own snapshots after each run that made one. Everything a user can get wrong is refused here,
-at ``job add``, in one sentence.
+cron expression in the server's local time (a disabled job is not scheduled, but ``job run`` still
+runs it); ``retention`` is a ``forget`` policy applied to the job's own snapshots after each run
+that made one. Everything a user can get wrong is refused here, at ``job add``, in one sentence.
 """
 
 from __future__ import annotations

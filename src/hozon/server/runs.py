@@ -96,7 +96,7 @@ def claim_next(catalog: Catalog, owner: str, agent_id: int | None) -> int | None
     mine = Job.agent_id == agent_id if agent_id is not None else Job.agent_id.is_(None)
     with catalog.session() as s:
         candidates = (select(Run.id).join(Job, Job.id == Run.job_id)
-                      .where(Run.state == "queued", Job.enabled, mine, ~running_sibling).order_by(Run.id))
+                      .where(Run.state == "queued", mine, ~running_sibling).order_by(Run.id))
         if catalog.is_postgresql:
             candidates = candidates.limit(1).with_for_update(of=Run, skip_locked=True)
         else:
