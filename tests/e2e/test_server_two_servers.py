@@ -4,6 +4,8 @@ agents polling both servers at once and by both servers' own workers, is execute
 from __future__ import annotations
 
 import collections
+import datetime
+import itertools
 import threading
 import time
 from pathlib import Path
@@ -120,6 +122,16 @@ def test_two_servers_never_run_one_run_twice(tmp_path: Path, postgres: Postgres,
                 lines = [x["line"] for x in clients[0].get(f"/api/v1/runs/{run_id}/log").json()]
                 assert sum(x.startswith("claimed by server process") for x in lines) == 1, lines
                 assert sum(x.startswith("checked ") for x in lines) == 1, lines
+
+            # Both schedulers see a job due every 2 s: no due time gets two runs.
+            assert clients[1].post("/api/v1/jobs", json={"name": "verify-often", "kind": "verify", "namespace": "web",
+                                                         "schedule": "* * * * * */2"}).status_code == 201
+            time.sleep(9)
+            often = clients[0].get("/api/v1/runs", params={"job": "verify-often"}).json()
+            queued_at = sorted(datetime.datetime.fromisoformat(r["queued_at"]) for r in often)
+            assert 2 <= len(queued_at) <= 6, queued_at
+            gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(queued_at)]
+            assert min(gaps) >= 1, gaps
         finally:
             for c in clients:
                 c.close()

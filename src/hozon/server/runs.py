@@ -103,12 +103,11 @@ def claim_next(catalog: Catalog, owner: str, agent_id: int | None) -> int | None
             candidates = candidates.limit(8)
         for run_id in s.scalars(candidates).all():
             now = utcnow()
-            claimed = changed(s,
-                update(Run).where(Run.id == run_id, Run.state == "queued", ~running_sibling)
-                .values(state="running", started=now, lease_owner=owner,
-                        lease_expires=now + datetime.timedelta(seconds=lease_seconds()))
-                .execution_options(synchronize_session=False)
-            )
+            claim = (update(Run).where(Run.id == run_id, Run.state == "queued", ~running_sibling)
+                     .values(state="running", started=now, lease_owner=owner,
+                             lease_expires=now + datetime.timedelta(seconds=lease_seconds()))
+                     .execution_options(synchronize_session=False))
+            claimed = changed(s, claim)
             if claimed == 1:
                 add_log(s, run_id, f"claimed by {describe_owner(owner)}")
                 return run_id

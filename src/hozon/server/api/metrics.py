@@ -62,8 +62,9 @@ class CatalogCollector(Collector):
             rows = s.execute(select(Run.job_id, func.max(Run.finished)).where(Run.state.in_(SUCCESS_STATES))
                              .group_by(Run.job_id))
             for job_id, finished in rows:
-                job = jobs[job_id]
-                last_success.add_metric([job.name, job.kind, subject(job)], as_utc(finished).timestamp())  # type: ignore[union-attr]
+                job, when = jobs[job_id], as_utc(finished)
+                if when is not None:
+                    last_success.add_metric([job.name, job.kind, subject(job)], when.timestamp())
             yield last_success
 
             duration = GaugeMetricFamily("hozon_job_last_run_duration_seconds", "How long the job's last run took.",
