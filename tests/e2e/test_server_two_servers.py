@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from sqlalchemy import func, select
 from tests.hozon_server import RunningServer, running_server
 from tests.server_fixtures import (
     NEEDS_POSTGRES,
@@ -21,6 +22,13 @@ from tests.server_fixtures import (
     postgres,
     wait_for,
 )
+
+from hozon.server.catalog.db import Catalog, upgrade
+from hozon.server.catalog.models import Job, Run
+from hozon.server.context import ServerContext
+from hozon.server.jobs import namespace_row
+from hozon.server.paths import ServerDir, ServerSettings
+from hozon.server.scheduler import queue_due
 
 __all__ = ["postgres"]  # a fixture used by name
 
@@ -135,3 +143,38 @@ def test_two_servers_never_run_one_run_twice(tmp_path: Path, postgres: Postgres,
         finally:
             for c in clients:
                 c.close()
+
+
+def test_two_schedulers_queue_each_due_job_once(tmp_path: Path, postgres: Postgres) -> None:
+    """Two schedulers (each with its own connections, as two servers have) tick at the same moment
+    over 200 due jobs: every job is queued by exactly one of them."""
+    url = postgres.new_database()
+    contexts = []
+    for n in range(2):
+        catalog = Catalog(url)
+        upgrade(catalog.engine)
+        contexts.append(ServerContext(ServerDir(tmp_path / str(n)), ServerSettings(catalog=url), catalog, "",
+                                      identity=f"server:test:{n}"))
+    past = datetime.datetime.now(datetime.UTC) - datetime.timedelta(minutes=1)
+    with contexts[0].catalog.session() as s:
+        namespace = namespace_row(s, "web")
+        s.add_all(Job(name=f"due-{n}", kind="prune", namespace=namespace, schedule="0 3 * * *", next_run=past)
+                  for n in range(200))
+    barrier = threading.Barrier(2)
+    queued: list[list[int]] = [[], []]
+
+    def tick(n: int) -> None:
+        barrier.wait()
+        queued[n] = queue_due(contexts[n])
+
+    threads = [threading.Thread(target=tick, args=(n,)) for n in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(queued[0]) + len(queued[1]) == 200 and not set(queued[0]) & set(queued[1])
+    with contexts[0].catalog.session() as s:
+        assert s.scalar(select(func.count()).select_from(Run)) == 200
+        assert all(job.next_run is not None and job.next_run > past for job in s.scalars(select(Job)))
+    for ctx in contexts:
+        ctx.catalog.close()
