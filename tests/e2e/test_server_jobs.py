@@ -5,6 +5,7 @@ another's runs; the metrics endpoint."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import subprocess
 import sys
@@ -15,11 +16,13 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import select
 from tests.hozon_server import RunningServer, running_server
 from tests.server_fixtures import (
     AgentApi,
     add_agent,
     catalog,
+    catalog_url,
     hozon_env,
     namespace_repository,
     postgres,
@@ -27,6 +30,8 @@ from tests.server_fixtures import (
 )
 
 from hozon.server import pki
+from hozon.server.catalog.db import Catalog
+from hozon.server.catalog.models import Job, Run, utcnow
 from hozon.server.paths import ServerDir
 
 __all__ = ["catalog", "postgres"]  # fixtures used by name
@@ -258,6 +263,20 @@ def test_a_silent_agent_loses_its_run(tmp_path: Path, catalog: str, monkeypatch:
             assert waited.returncode == 1 and "is still queued after 1 s" in waited.stderr
         finally:
             agent.close()
+
+        # A server process that died while it verified: another one fails its run the same way.
+        job(server, "add", "web-verify", "--verify", "web")
+        db = Catalog(catalog_url(server))
+        try:
+            with db.session() as s:
+                verify_job = s.scalars(select(Job).where(Job.name == "web-verify")).one()
+                s.add(Run(job=verify_job, state="running", started=utcnow(), lease_owner="server:gone:4242",
+                          lease_expires=utcnow() + datetime.timedelta(seconds=1)))
+        finally:
+            db.close()
+        orphan = wait_for("the dead server's lease to lapse",
+                          lambda: [r for r in job_json(server, "runs", "web-verify") if r["state"] == "failed"])
+        assert orphan[0]["reason"] == "server process gone:4242 stopped reporting (its lease of 3 s lapsed)"
 
 
 def test_an_agent_sees_only_its_own_runs(server: RunningServer) -> None:
