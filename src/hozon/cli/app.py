@@ -14,11 +14,16 @@ from hozon.cli import (
     backup_cmd,
     check_cmd,
     checkpoint_cmd,
+    dump_cmd,
     forget_cmd,
+    job_cmd,
+    manual,
     repo_cmd,
     restore_cmd,
     server_cmd,
     snapshots_cmd,
+    stats_cmd,
+    tag_cmd,
     vm_cmd,
 )
 from hozon.cli.common import err_console
@@ -26,13 +31,16 @@ from hozon.errors import HozonError
 
 app = typer.Typer(
     name="hozon", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
-    help="Deduplicated, compressed, encrypted backups of files and VMs.",
+    help="Deduplicated, compressed, encrypted backups of files and VMs.", context_settings=manual.CONTEXT_SETTINGS,
 )
 app.command()(repo_cmd.init)
 app.command()(backup_cmd.backup)
 app.command()(snapshots_cmd.snapshots)
 app.command()(snapshots_cmd.ls)
 app.command()(snapshots_cmd.diff)
+app.command()(dump_cmd.dump)
+app.command()(stats_cmd.stats)
+app.command()(tag_cmd.tag)
 app.command()(restore_cmd.restore)
 app.command()(check_cmd.check)
 app.command()(repo_cmd.cat)
@@ -47,6 +55,7 @@ app.add_typer(vm_cmd.vm_app, name="vm")
 app.add_typer(server_cmd.server_app, name="server")
 app.add_typer(agent_cmd.agent_app, name="agent")
 app.command()(agent_cmd.agents)
+app.add_typer(job_cmd.job_app, name="job")
 
 
 @app.command()
@@ -55,11 +64,26 @@ def version() -> None:
     print(f"hozon {__version__}")
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"hozon {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    show_version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
+                                      help="Print Hozon's version and exit."),
+) -> None:
+    """Deduplicated, compressed, encrypted backups of files and VMs."""
+
+
 def main() -> None:
     tune_for_large_buffers()
     try:
         # Without standalone mode click returns the code of a ``typer.Exit`` instead of exiting.
-        code = app(standalone_mode=False)
+        manual.serve_completion_requests()
+        code = manual.finish(typer.main.get_command(app)).main(prog_name="hozon", standalone_mode=False)
         if isinstance(code, int) and code:
             sys.exit(code)
     except HozonError as exc:

@@ -23,7 +23,7 @@ WARNINGS_EXIT = 3
 
 
 def backup(
-    paths: list[str] = typer.Argument(..., help="Files and directories to back up."),
+    paths: list[str] = typer.Argument(..., metavar="PATH", help="Files and directories to back up."),
     repo: str | None = RepoOption,
     tag: list[str] = typer.Option([], "--tag", help="Tag the snapshot (repeatable)."),
     exclude: list[str] = typer.Option([], "--exclude", "-e", help="Skip paths matching GLOB (repeatable)."),

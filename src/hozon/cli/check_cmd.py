@@ -15,7 +15,7 @@ from hozon.cli.common import (
     locked_repo,
     print_json,
 )
-from hozon.repo.check import CheckProgress, CheckResult, check_repository
+from hozon.repo.check import CheckProgress, CheckResult, DataSubset, check_repository
 from hozon.repo.locks import SHARED
 
 ERRORS_EXIT = 1
@@ -29,9 +29,16 @@ def check(
     read_data: bool = typer.Option(
         False, "--read-data", help="Also read every pack and verify every blob (reads the whole repository)."
     ),
+    read_data_subset: str = typer.Option(
+        "", "--read-data-subset", metavar="N/M|N%",
+        help="Like --read-data, for part of the packs: N/M reads group N of M (the same packs each time: run "
+             "1/7 … 7/7 on seven nights to read everything once a week), N% a random N percent.",
+    ),
     json_out: bool = JsonOption,
 ) -> None:
     """Check the repository: every index, pack and snapshot is there and readable; exit 1 on damage."""
+    subset = DataSubset.parse(read_data_subset) if read_data_subset else None
+    read_data = read_data or subset is not None
     with locked_repo(repo, SHARED, "check", load_index=False) as repository:
         if interactive() and not json_out:
             with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[detail]}"),
@@ -45,13 +52,13 @@ def check(
                     bar.update(task, description=_PHASES.get(p.phase, p.phase), completed=p.done,
                                total=p.total or None, detail=detail)
 
-                result = check_repository(repository, read_data=read_data, progress=show)
+                result = check_repository(repository, read_data=read_data, progress=show, subset=subset)
         else:
-            result = check_repository(repository, read_data=read_data)
+            result = check_repository(repository, read_data=read_data, subset=subset)
     if json_out:
         print_json(_as_json(result))
     else:
-        _render(result, read_data)
+        _render(result, read_data, subset)
     if not result.ok:
         raise typer.Exit(ERRORS_EXIT)
 
@@ -69,7 +76,7 @@ def _as_json(result: CheckResult) -> dict[str, object]:
     }
 
 
-def _render(result: CheckResult, read_data: bool) -> None:
+def _render(result: CheckResult, read_data: bool, subset: DataSubset | None) -> None:
     def say(text: str) -> None:
         console.print(text, markup=False, highlight=False, soft_wrap=True)  # no wrapping: names stay whole
 
@@ -80,5 +87,7 @@ def _render(result: CheckResult, read_data: bool) -> None:
     checked = f"checked {result.index_files} index file(s), {result.packs} pack(s), {result.snapshots} snapshot(s)"
     if read_data:
         checked += f"; read {result.packs_read} pack(s), {human_bytes(result.bytes_read)}"
+        if subset is not None:
+            checked += f" (subset {subset.describe()})"
     say(checked)
     say("no errors were found" if result.ok else f"{len(result.errors)} error(s) found")

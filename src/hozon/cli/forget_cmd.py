@@ -24,7 +24,7 @@ from hozon.errors import UsageError
 from hozon.repo.locks import PRUNE, Lock
 from hozon.repo.prune import DEFAULT_REPACK_THRESHOLD, PrunePlan, PruneResult, execute_prune, plan_prune
 from hozon.repo.repository import Repository
-from hozon.repo.retention import Decision, Group, Retention, parse_group_by, plan_forget
+from hozon.repo.retention import Decision, Duration, Group, Retention, parse_group_by, plan_forget
 from hozon.repo.snapshots import Snapshot
 
 RepackOption = typer.Option(
@@ -46,11 +46,17 @@ def forget(
     keep_monthly: int = typer.Option(0, "--keep-monthly", metavar="N", help="Keep the newest of each of N months."),
     keep_yearly: int = typer.Option(0, "--keep-yearly", metavar="N", help="Keep the newest of each of N years."),
     keep_tag: list[str] = typer.Option([], "--keep-tag", metavar="TAG", help="Keep snapshots with this tag."),
+    keep_within: str = typer.Option(
+        "", "--keep-within", metavar="DURATION",
+        help="Keep every snapshot made within DURATION (1y6m, 14d, 2d12h) before the group's newest one.",
+    ),
     group_by: str = typer.Option(
         "host,paths", "--group-by", help="Apply the policy per group of host, paths, tags ('' for one group)."
     ),
     host: str = typer.Option("", "--host", help="Only consider snapshots of this host."),
     tag: list[str] = typer.Option([], "--tag", help="Only consider snapshots with this tag (repeatable: any)."),
+    path: list[str] = typer.Option([], "--path", metavar="PATH",
+                                   help="Only consider snapshots of this path or VM (repeatable: all of them)."),
     dry_run: bool = DryRunOption,
     prune: bool = typer.Option(False, "--prune", help="Run prune afterwards to give the space back."),
     repack_threshold: float = RepackOption,
@@ -58,9 +64,11 @@ def forget(
 ) -> None:
     """Remove snapshots by a retention policy (or by id); the data goes with the next prune."""
     ids = snapshot_ids or []
-    policy = Retention(keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly, keep_yearly, tuple(keep_tag))
-    if ids and (not policy.empty or host or tag):
-        raise UsageError("give either snapshot ids or a --keep-* policy (with --host/--tag), not both")
+    within = Duration.parse(keep_within) if keep_within else Duration()
+    policy = Retention(keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly, keep_yearly, tuple(keep_tag),
+                       within)
+    if ids and (not policy.empty or host or tag or path):
+        raise UsageError("give either snapshot ids or a --keep-* policy (with --host/--tag/--path), not both")
     if not ids and policy.empty:
         raise UsageError("no --keep-* option given: this policy would remove every snapshot",
                          hint="give a policy such as --keep-last 7 --keep-daily 14, or the ids to forget")
@@ -74,7 +82,8 @@ def forget(
             remove = sorted(chosen.values(), key=lambda s: s.datetime)
         else:
             snaps = [s for s in repository.list_snapshots()
-                     if (not host or s.hostname == host) and (not tag or set(tag) & set(s.tags))]
+                     if (not host or s.hostname == host) and (not tag or set(tag) & set(s.tags))
+                     and set(path) <= set(s.paths)]
             groups = plan_forget(snaps, policy, fields)
             remove = [d.snapshot for g in groups for d in g.removed]
         doc["groups"] = [{"group": g.key.as_dict(), "keep": [_decision_doc(d) for d in g.kept],

@@ -4,7 +4,8 @@
     packs         every pack the index names exists; packs no index names are garbage (a note)
     snapshots     every snapshot file loads; its trees load; every blob they name is in the index
     read_data     every referenced pack is read whole: hash = name, header authenticates and
-                  agrees with the index, every blob decrypts and matches its id (2 threads)
+                  agrees with the index, every blob decrypts and matches its id (2 threads);
+                  a ``DataSubset`` reads only some of the packs (a rotating part each night)
 
 Damage is traced to what it costs: each bad blob is mapped to the snapshots and paths that use it
 (a bad tree blob costs its whole directory, so the directory is reported). Memory stays flat at
@@ -14,6 +15,8 @@ subtree found clean once is not walked again for later snapshots.
 
 from __future__ import annotations
 
+import random
+import re
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,7 +26,7 @@ import numpy as np
 import numpy.typing as npt
 
 from hozon.crypto import content_name
-from hozon.errors import CorruptData, HozonError
+from hozon.errors import CorruptData, HozonError, UsageError
 from hozon.repo.imagemap import decode_map, map_ids, mapped_entries, zero_mask
 from hozon.repo.index import IndexFile
 from hozon.repo.pack import pack_key, read_header
@@ -49,6 +52,41 @@ class CheckProgress:
     done: int
     total: int
     bytes_done: int = 0
+
+
+@dataclass(frozen=True)
+class DataSubset:
+    """Which packs ``--read-data-subset`` reads: group ``part`` of ``parts`` (``2/7``: the packs whose
+    name, as a number, leaves 1 divided by 7, the same packs every time, so seven nights with
+    ``1/7`` … ``7/7`` read everything once), or a random ``percent`` of them."""
+
+    part: int = 0
+    parts: int = 0
+    percent: float = 0.0
+
+    @classmethod
+    def parse(cls, text: str) -> DataSubset:
+        if m := re.fullmatch(r"(\d+)/(\d+)", text.strip()):
+            part, parts = int(m[1]), int(m[2])
+            if not 1 <= part <= parts:
+                raise UsageError(f"--read-data-subset {text}: N/M needs 1 <= N <= M")
+            return cls(part=part, parts=parts)
+        if m := re.fullmatch(r"(\d+(?:\.\d+)?)%", text.strip()):
+            percent = float(m[1])
+            if not 0 < percent <= 100:
+                raise UsageError(f"--read-data-subset {text}: a percentage must be above 0 and at most 100")
+            return cls(percent=percent)
+        raise UsageError(f"--read-data-subset {text!r} is neither N/M nor N%", hint="for example 1/7 or 10%")
+
+    def choose(self, names: list[str]) -> list[int]:
+        """The positions in ``names`` (pack names) to read."""
+        if self.parts:
+            return [i for i, name in enumerate(names) if int(name[:16], 16) % self.parts == self.part - 1]
+        count = min(len(names), max(1, round(len(names) * self.percent / 100))) if names else 0
+        return sorted(random.sample(range(len(names)), count))
+
+    def describe(self) -> str:
+        return f"{self.part}/{self.parts}" if self.parts else f"{self.percent:g}%"
 
 
 @dataclass(frozen=True)
@@ -110,10 +148,13 @@ class _Damage:
 
 
 def check_repository(
-    repo: Repository, read_data: bool = False, progress: Callable[[CheckProgress], None] | None = None
+    repo: Repository, read_data: bool = False, progress: Callable[[CheckProgress], None] | None = None,
+    subset: DataSubset | None = None,
 ) -> CheckResult:
-    """Check ``repo`` (which should be locked, shared, by the caller); never raises for damage found."""
-    return _Check(repo, progress).run(read_data)
+    """Check ``repo`` (which should be locked, shared, by the caller); never raises for damage found.
+
+    With ``read_data``, ``subset`` limits the packs read (all of them when None)."""
+    return _Check(repo, progress).run(read_data, subset)
 
 
 def _what(exc: CorruptData) -> str:
@@ -143,13 +184,16 @@ class _Check:
         self.bytes_read = 0
 
     # -- the phases -----------------------------------------------------------------------------
-    def run(self, read_data: bool) -> CheckResult:
+    def run(self, read_data: bool, subset: DataSubset | None) -> CheckResult:
         index_files = self._load_index()
         self.bad_row = np.zeros(len(self.index.hi), bool)
         self.tree_clean = np.zeros(len(self.index.hi), bool)
         present = self._list_packs()
         if read_data:
-            self._read_packs([n for n, here in enumerate(present) if here])
+            numbers = [n for n, here in enumerate(present) if here]
+            if subset is not None:
+                numbers = [numbers[i] for i in subset.choose([self.index.packs[n] for n in numbers])]
+            self._read_packs(numbers)
         snapshots = self._load_snapshots()
         for done, snap in enumerate(snapshots):
             self.progress(CheckProgress("snapshots", done, len(snapshots)))
@@ -499,4 +543,4 @@ def _snapshot_time(snap: Snapshot) -> float:
         return 0.0
 
 
-__all__ = ["Affected", "CheckProgress", "CheckResult", "check_repository"]
+__all__ = ["Affected", "CheckProgress", "CheckResult", "DataSubset", "check_repository"]

@@ -6,7 +6,9 @@ to each group on its own. Within a group, snapshots are taken newest first, and 
 - it is among the ``last`` N newest;
 - it is the newest snapshot of its hour, day, ISO week, month or year, and that bucket is among the
   first N such buckets (counting only buckets that hold a snapshot), for ``hourly`` … ``yearly``;
-- it carries one of the ``tags`` to keep.
+- it carries one of the ``tags`` to keep;
+- it is no older than ``within`` before the group's newest snapshot (not before now: a host that
+  stopped backing up keeps its last snapshots however long it stays silent).
 
 Buckets use the local time recorded in each snapshot (its own UTC offset), which is the time the
 user saw when it was made. Everything else is removed. The code here is pure: no repository, no I/O.
@@ -14,14 +16,52 @@ user saw when it was made. Everything else is removed. The code here is pure: no
 
 from __future__ import annotations
 
+import calendar
+import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from hozon.errors import UsageError
 from hozon.repo.snapshots import Snapshot
 
 GROUP_FIELDS = ("host", "paths", "tags")
+
+
+@dataclass(frozen=True)
+class Duration:
+    """A calendar span as restic writes it: ``1y6m``, ``14d``, ``2d12h`` (years, months, days, hours)."""
+
+    years: int = 0
+    months: int = 0
+    days: int = 0
+    hours: int = 0
+
+    @classmethod
+    def parse(cls, text: str) -> Duration:
+        parts = re.findall(r"(\d+)([ymdh])", text)
+        if not text or "".join(n + u for n, u in parts) != text:
+            raise UsageError(f"{text!r} is not a duration",
+                             hint="write it as years, months, days, hours: 1y6m, 14d, 2d12h")
+        amounts = {unit: 0 for unit in "ymdh"}
+        for number, unit in parts:
+            amounts[unit] += int(number)
+        return cls(amounts["y"], amounts["m"], amounts["d"], amounts["h"])
+
+    def before(self, when: datetime) -> datetime:
+        """``when`` moved back by this span; a day past the end of the month becomes its last day."""
+        month = when.year * 12 + when.month - 1 - self.years * 12 - self.months
+        year, month = divmod(month, 12)
+        day = min(when.day, calendar.monthrange(year, month + 1)[1])
+        return when.replace(year=year, month=month + 1, day=day) - timedelta(days=self.days, hours=self.hours)
+
+    def __str__(self) -> str:
+        text = "".join(f"{n}{u}" for n, u in zip((self.years, self.months, self.days, self.hours), "ymdh",
+                                                 strict=True) if n)
+        return text or "0h"
+
+    def __bool__(self) -> bool:
+        return bool(self.years or self.months or self.days or self.hours)
 
 
 @dataclass(frozen=True)
@@ -35,6 +75,7 @@ class Retention:
     monthly: int = 0
     yearly: int = 0
     tags: tuple[str, ...] = ()
+    within: Duration = Duration()
 
     def __post_init__(self) -> None:
         for name in ("last", "hourly", "daily", "weekly", "monthly", "yearly"):
@@ -45,7 +86,7 @@ class Retention:
     def empty(self) -> bool:
         """A policy that keeps nothing (it would remove every snapshot)."""
         counts = (self.last, self.hourly, self.daily, self.weekly, self.monthly, self.yearly)
-        return not any(counts) and not self.tags
+        return not any(counts) and not self.tags and not self.within
 
 
 @dataclass(frozen=True)
@@ -77,8 +118,12 @@ def apply_retention(snapshots: Iterable[Snapshot], policy: Retention) -> list[De
     seen: dict[str, set[_Bucket]] = {name: set() for name, _ in _BUCKETS}
     keep_tags = set(policy.tags)
     decisions: list[Decision] = []
-    for snap in newest_first(snapshots):
+    ordered = newest_first(snapshots)
+    since = policy.within.before(ordered[0].datetime) if policy.within and ordered else None
+    for snap in ordered:
         reasons = [f"tag '{t}'" for t in sorted(keep_tags & set(snap.tags))]
+        if since is not None and snap.datetime >= since:
+            reasons.append(f"within {policy.within}")
         if remaining["last"] > 0:
             remaining["last"] -= 1
             reasons.append("last snapshot")

@@ -12,11 +12,11 @@ import hashlib
 import hmac
 import os
 
-PREFIXES = {"admin": "hzadm_", "enrol": "hzenr_", "agent": "hzagt_"}
+PREFIXES = {"admin": "hzadm_", "enrol": "hzenr_", "agent": "hzagt_", "metrics": "hzmet_"}
 
 
 def new_secret(kind: str) -> str:
-    """A fresh credential of ``kind`` (admin, enrol, agent); the prefix says what it is in logs."""
+    """A fresh credential of ``kind`` (admin, enrol, agent, metrics); the prefix says what it is in logs."""
     return PREFIXES[kind] + base64.urlsafe_b64encode(os.urandom(32)).decode().rstrip("=")
 
 

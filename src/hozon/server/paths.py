@@ -2,6 +2,7 @@
 
     DIR/server.json            listen address, names, catalog URL (written by init)
     DIR/admin.token            the admin credential (0600)
+    DIR/metrics.token          a read-only credential for GET /metrics (0600; made at first start)
     DIR/tls/ca.pem, ca.key     the server's own certificate authority (key 0600)
     DIR/tls/server.pem, .key   the server certificate it signed (key 0600)
     DIR/catalog.sqlite         the embedded catalog (unless a PostgreSQL URL is configured)
@@ -51,6 +52,10 @@ class ServerDir:
     @property
     def admin_token(self) -> Path:
         return self.root / "admin.token"
+
+    @property
+    def metrics_token(self) -> Path:
+        return self.root / "metrics.token"
 
     @property
     def tls(self) -> Path:

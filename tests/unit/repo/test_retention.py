@@ -11,7 +11,7 @@ import pytest
 from hozon.errors import UsageError
 from hozon.repo.locks import LockInfo
 from hozon.repo.prune import grace_over
-from hozon.repo.retention import GroupKey, Retention, apply_retention, parse_group_by, plan_forget
+from hozon.repo.retention import Duration, GroupKey, Retention, apply_retention, parse_group_by, plan_forget
 from hozon.repo.snapshots import Snapshot
 
 START = datetime(2024, 3, 15, 12, 0, tzinfo=UTC)  # a Friday
@@ -173,3 +173,28 @@ def test_grace_rule_on_a_lock_timeline() -> None:
     assert not grace_over(condemned_at, [lock(999)])  # started before: may still reference its blobs
     assert not grace_over(condemned_at, [lock(1_000)])  # started at the same second: be safe
     assert not grace_over(condemned_at, [lock(2_000), lock(10)])  # one early backup is enough to wait
+
+
+# -- keep-within ----------------------------------------------------------------------------------
+def test_a_duration_is_read_as_restic_writes_it() -> None:
+    assert Duration.parse("1y6m") == Duration(years=1, months=6)
+    assert Duration.parse("2d12h") == Duration(days=2, hours=12)
+    assert str(Duration.parse("14d")) == "14d"
+    for bad in ("", "7", "d", "1w", "1d 2h", "-1d", "1.5d"):
+        with pytest.raises(UsageError):
+            Duration.parse(bad)
+
+
+def test_a_duration_moves_back_by_calendar_months_and_clamps_the_day() -> None:
+    march_31 = datetime(2024, 3, 31, 10, 0, tzinfo=UTC)
+    assert Duration(months=1).before(march_31) == datetime(2024, 2, 29, 10, 0, tzinfo=UTC)  # a leap year
+    assert Duration(years=1, months=3).before(march_31) == datetime(2022, 12, 31, 10, 0, tzinfo=UTC)
+    assert Duration(days=1, hours=11).before(march_31) == datetime(2024, 3, 29, 23, 0, tzinfo=UTC)
+
+
+def test_keep_within_counts_back_from_the_groups_newest_snapshot_not_from_now() -> None:
+    snaps = series(10, timedelta(days=1))  # long ago: keep-within still keeps the newest days
+    decisions = apply_retention(snaps, Retention(within=Duration(days=3)))
+    assert [d.keep for d in decisions] == [True] * 4 + [False] * 6  # the newest and three days before it
+    assert decisions[3].reasons == ("within 3d",)
+    assert not Retention(within=Duration(days=3)).empty
