@@ -45,6 +45,14 @@ class Hozon:
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
 
 
+@pytest.fixture(autouse=True)
+def client_config(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Hozon's client records (repo.known) of this test, kept out of the real home."""
+    path = tmp_path_factory.mktemp("hozon-config")
+    monkeypatch.setenv("HOZON_CONFIG_DIR", str(path))
+    return path
+
+
 @pytest.fixture
 def hozon(tmp_path: Path) -> Hozon:
     """A fresh, initialised, encrypted repository at tmp_path/repo and a runner for it."""

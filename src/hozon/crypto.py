@@ -20,7 +20,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 
-from hozon.errors import WrongPassword
+from hozon.errors import UsageError, WrongPassword
 
 ID_SIZE = 32
 NONCE_SIZE = 12
@@ -57,6 +57,7 @@ class MasterKey:
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> MasterKey:
+        """From the master-key JSON inside a key file, once ``repo.schema.MASTER_KEY`` checked it."""
         return cls(
             _unb64(doc["encryption_key"]), _unb64(doc["id_key"]), int(doc["chunker_seed"]), bool(doc["encrypted"])
         )
@@ -135,27 +136,36 @@ def content_name(stored: bytes | memoryview) -> str:
 
 
 def wrap_master_key(master: MasterKey, password: str | None) -> dict[str, Any]:
-    """The content of a key file: the master key sealed under an Argon2id-derived key."""
+    """The content of a key file: the master key sealed under an Argon2id-derived key.
+
+    An empty password is refused: it would make a key file anyone can open, an encrypted
+    repository in name only.
+    """
     body = json.dumps(master.to_json()).encode()
     if not master.encrypted:
         return {"kdf": "none", "master": _b64(body)}
+    if not password:
+        raise UsageError("an empty password is not allowed: it would leave the repository's key unprotected")
     salt = os.urandom(16)
     params = {"memory_kib": KDF_MEMORY_KIB, "iterations": KDF_ITERATIONS, "lanes": KDF_LANES}
-    kek = _derive(password or "", salt, params)
+    kek = _derive(password, salt, params)
     return {"kdf": "argon2id", "salt": _b64(salt), **params, "wrapped": _b64(AeadCipher(kek).seal(body, b"key"))}
 
 
-def unwrap_master_key(doc: dict[str, Any], password: str | None) -> MasterKey:
-    """Open a key file; raises WrongPassword when the password does not fit this key."""
-    if doc.get("kdf") == "none":
-        return MasterKey.from_json(json.loads(_unb64(doc["master"])))
+def unwrap_key(doc: dict[str, Any], password: str | None) -> bytes:
+    """The master key's JSON from a key file ``repo.schema.key_file`` checked.
+
+    Raises WrongPassword when the password does not open it, ValueError for KDF parameters Argon2
+    refuses.
+    """
+    if doc["kdf"] == "none":
+        return _unb64(doc["master"])
     params = {k: int(doc[k]) for k in ("memory_kib", "iterations", "lanes")}
     kek = _derive(password or "", _unb64(doc["salt"]), params)
     try:
-        body = AeadCipher(kek).open(_unb64(doc["wrapped"]), b"key")
+        return AeadCipher(kek).open(_unb64(doc["wrapped"]), b"key")
     except AuthenticationFailed as exc:
         raise WrongPassword() from exc
-    return MasterKey.from_json(json.loads(body))
 
 
 def _derive(password: str, salt: bytes, params: dict[str, int]) -> bytes:

@@ -9,11 +9,16 @@ a test keeps that table honest). Anything else that escapes is a bug and is show
     ├── RepositoryNotFound          exit 10
     ├── RepositoryExists            exit 1
     ├── RepositoryLocked            exit 11
+    ├── LockLost                    exit 1   the command's lock went stale or was removed: it saved nothing
+    ├── LockNotRemoved              exit 3   the work is done, but its lock could not be removed
     ├── WrongPassword               exit 12
+    ├── UntrustedRepository         exit 13  not the repository this client knows at that location
     ├── SnapshotNotFound            exit 1
     ├── CorruptData                 exit 1   a repository file fails its checks
     ├── RepositoryFull              exit 1   the repository's disk is full
     ├── BackendError                exit 1   the storage failed in another way
+    │   └── RepositoryReadOnly      exit 1   the repository cannot be written (read-only mount, permissions)
+    ├── Interrupted                 exit 130 Ctrl-C (SIGINT) before the command committed anything
     ├── RestoreOutsideTarget        exit 1   a stored name tries to escape the restore target
     ├── NbdError                    exit 1   an NBD server misbehaved, refused or failed a request
     ├── QmpError                    exit 1   QEMU's monitor (QMP) could not be reached, misbehaved or went away
@@ -67,6 +72,29 @@ class RepositoryLocked(HozonError):
         )
 
 
+class LockLost(HozonError):
+    """The lock was not refreshed in time or its file vanished: a prune may have deleted data we use."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(
+            f"the repository lock was lost ({reason}); no snapshot was saved",
+            hint="the data stored so far is reused by the next run; check that the repository's locks/ "
+                 "can be written and that nobody runs: hozon unlock --remove-all",
+        )
+
+
+class LockNotRemoved(HozonError):
+    """Finished, but its lock file stays: others see it until it goes stale."""
+
+    exit_code = 3
+
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(
+            f"the work is done, but the repository lock locks/{name} could not be removed ({reason})",
+            hint="it counts as stale after 30 minutes, or remove it now with: hozon unlock",
+        )
+
+
 class WrongPassword(HozonError):
     exit_code = 12
 
@@ -75,6 +103,12 @@ class WrongPassword(HozonError):
             "wrong password: no key of this repository opens with it",
             hint="if the password is right, a key file under keys/ may be damaged: hozon list keys",
         )
+
+
+class UntrustedRepository(HozonError):
+    """The repository at a location is not what this client knew there (replaced, or downgraded)."""
+
+    exit_code = 13
 
 
 class SnapshotNotFound(HozonError):
@@ -100,6 +134,14 @@ class RepositoryFull(HozonError):
 
 class BackendError(HozonError):
     pass
+
+
+class RepositoryReadOnly(BackendError):
+    """Reading commands then go on without a lock; writing ones stop."""
+
+
+class Interrupted(HozonError):
+    exit_code = 130
 
 
 class RestoreOutsideTarget(HozonError):

@@ -171,17 +171,16 @@ def test_symlinks_never_lead_a_write_outside(hozon: Hozon, tmp_path: Path) -> No
 
 
 def test_malformed_entries_cost_only_themselves(hozon: Hozon, tmp_path: Path) -> None:
+    """Well-typed but hostile values; a field of the wrong JSON type makes the whole tree damaged
+    (tests/e2e/test_documents.py)."""
     c = Crafter(hozon)
     snapshot_id = c.snapshot([
         c.file("good.txt", b"restored in spite of its neighbours\n"),
-        {"name": "mode_text", "type": "dir", "mode": "rwxr-xr-x", "subtree": c.tree([])},
         c.symlink("nul_target", "/etc\x00passwd"),
         c.file("nul_xattr", xattrs={"user.a\x00b": "eA=="}),
         {"name": "huge_rdev", "type": "chardev", "mode": 0o600, "rdev": 2**70},
-        {"name": "bad_chunk_id", "type": "file", "mode": 0o644, "size": 3, "content": ["not hex"]},
         c.file("negative_uid", uid=-7),
         c.file("far_extent", extents=[[2**63, len(EVIL)]], size=2**63 + 100),  # beyond off_t on any file system
-        {"name": 42, "type": "file"},
         {"name": "strange_type", "type": "portal"},
     ])
     target = tmp_path / "target"
@@ -189,6 +188,5 @@ def test_malformed_entries_cost_only_themselves(hozon: Hozon, tmp_path: Path) ->
     assert code == 3
     assert (target / "good.txt").read_bytes() == b"restored in spite of its neighbours\n"
     text = "\n".join(messages)
-    for name in ("mode_text", "nul_target", "nul_xattr", "huge_rdev", "bad_chunk_id", "negative_uid", "far_extent",
-                 "42", "strange_type"):
+    for name in ("nul_target", "nul_xattr", "huge_rdev", "negative_uid", "far_extent", "strange_type"):
         assert any(name in line for line in messages), f"no warning names {name}:\n{text}"

@@ -97,7 +97,8 @@ def test_unreadable_entries_give_warnings_and_exit_3(scratch: Path) -> None:
     os.chmod(src / "locked_dir", 0o000)
 
     with python_for_nobody(scratch) as (python, python_env):
-        env = {**python_env, "HOZON_REPO": str(scratch / "repo"), "HOZON_PASSWORD": PASSWORD, "HOME": str(scratch)}
+        env = {**python_env, "HOZON_REPO": str(scratch / "repo"), "HOZON_PASSWORD": PASSWORD, "HOME": str(scratch),
+               "HOZON_CONFIG_DIR": str(scratch / "config")}
         env.pop("HOZON_PASSWORD_FILE", None)
 
         def hozon(*args: str) -> subprocess.CompletedProcess[str]:

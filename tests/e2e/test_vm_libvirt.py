@@ -388,3 +388,23 @@ def test_copy_definition_takes_the_restored_images_and_a_new_identity() -> None:
     assert root.find("os/nvram") is None and root.find("os/loader") is not None
     assert "xmlns:qemu=" in xml and "<qemu:commandline>" in xml and "<app:owner" in xml
     assert any("UEFI" in note for note in notes)
+
+
+def test_the_systemd_vm_unit_backs_up_a_domain_and_applies_retention(hozon: Hozon,
+                                                                    libvirt_domain: DomainFactory) -> None:
+    from tests.systemd_units import UNITS, read_env_file, run_unit
+
+    domain = libvirt_domain({"vda": 8 * MiB})
+    other = libvirt_domain({"vda": 8 * MiB})
+    env = read_env_file(UNITS / "hozon.env.example")
+    env.update(HOZON_REPO=str(hozon.repo), HOZON_PASSWORD=hozon.env["HOZON_PASSWORD"], HOZON_KEEP="--keep-last 1")
+    env.pop("HOZON_PASSWORD_FILE")
+    hozon("vm", "backup", "--libvirt", other.name, "--tag", "systemd")  # another VM's snapshot: not its business
+    for _night in range(2):
+        runs = run_unit("hozon-vm-backup@.service", env, instance=domain.name)
+        assert [r.returncode for r in runs] == [0, 0], [r.stderr for r in runs]
+        assert "Traceback" not in runs[0].stderr
+    snaps = json.loads(hozon("snapshots", "--json").stdout)
+    mine = [s for s in snaps if s["paths"] == [domain.name]]
+    assert len(mine) == 1 and mine[0]["tags"] == ["systemd"]  # the unit's retention kept the newest
+    assert [s["paths"] for s in snaps if s not in mine] == [[other.name]]

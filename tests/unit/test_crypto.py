@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from hozon.crypto import AuthenticationFailed, MasterKey, unwrap_master_key, wrap_master_key
-from hozon.errors import WrongPassword
+from hozon.crypto import AuthenticationFailed, MasterKey, unwrap_key, wrap_master_key
+from hozon.errors import UsageError, WrongPassword
 
 
 @pytest.mark.parametrize("encrypted", [True, False])
@@ -30,9 +32,16 @@ def test_encrypted_blob_does_not_contain_the_plaintext() -> None:
 def test_key_file_opens_with_its_password_only() -> None:
     master = MasterKey.generate(True)
     doc = wrap_master_key(master, "right")
-    assert unwrap_master_key(doc, "right") == master
-    with pytest.raises(WrongPassword):
-        unwrap_master_key(doc, "wrong")
+    assert MasterKey.from_json(json.loads(unwrap_key(doc, "right"))) == master
+    for wrong in ("wrong", "", None):
+        with pytest.raises(WrongPassword):
+            unwrap_key(doc, wrong)
+
+
+@pytest.mark.parametrize("password", ["", None])
+def test_an_encrypted_key_is_never_wrapped_without_a_password(password: str | None) -> None:
+    with pytest.raises(UsageError, match="empty password"):
+        wrap_master_key(MasterKey.generate(True), password)
 
 
 def test_chunk_ids_depend_on_the_repository_key() -> None:

@@ -22,17 +22,18 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol, get_args
 
 import numpy as np
 import numpy.typing as npt
 
 from hozon import __version__
 from hozon.backup.checkpoint import describe_vm, state_consumer, state_doc
-from hozon.errors import HozonError, UsageError
+from hozon.errors import HozonError, QmpError, UsageError
 from hozon.nbd import NbdClient
 from hozon.nbd.qemu_nbd import QemuNbd
 from hozon.repo.imagemap import ZERO_ID, decode_map, encode_map, image_disks, map_ids, split_maps, zero_mask
+from hozon.repo.locks import confirm_held
 from hozon.repo.pack import DATA, MAP
 from hozon.repo.recover import adopt_orphan_packs
 from hozon.repo.repository import Repository
@@ -48,6 +49,7 @@ from hozon.sources.qemu.vmstate import StateCapture, state_pipe
 CHUNK_SIZE = 1024 * 1024  # fixed, aligned to disk offsets: a changed block maps to one chunk
 READ_DEPTH = 4
 ProgressCallback = Callable[[int, int], None]  # bytes done, bytes to read
+BackupMode = Literal["auto", "full", "incremental"]  # auto: incremental when the chain allows
 
 
 class MonitorSource(Protocol):
@@ -67,7 +69,7 @@ class MonitorSource(Protocol):
 class ImageBackupOptions:
     qmp: str
     name: str | None = None
-    mode: str = "auto"  # auto | full | incremental
+    mode: BackupMode = "auto"
     vm_config: str | None = None  # a file holding the QEMU command line
     tags: list[str] = field(default_factory=list)
     scratch_dir: str | None = None
@@ -76,6 +78,10 @@ class ImageBackupOptions:
     freeze: bool = False  # freeze them through guest_agent if given, else through the source's channel (libvirt)
     freeze_timeout: float = FREEZE_TIMEOUT
     checkpoint: bool = False  # also the VM's CPU, memory and device state at the instant (kind "checkpoint")
+
+    def __post_init__(self) -> None:
+        if self.mode not in get_args(BackupMode):  # the command line's parser checks it; this is for callers
+            raise UsageError(f"unknown mode {self.mode!r}; use auto, full or incremental")
 
 
 @dataclass
@@ -119,7 +125,7 @@ def _parent_map(repo: Repository, disk_doc: dict[str, Any]) -> npt.NDArray[np.ui
 
 
 def plan_disks(repo: Repository, qmp: QmpClient, disks: list[Disk], parent: Snapshot | None,
-               mode: str) -> list[DiskPlan]:
+               mode: BackupMode) -> list[DiskPlan]:
     """Full or incremental for each disk, with the reason whenever it must be full."""
     prefix = bitmap_prefix(repo)
     previous = {d["name"]: d for d in image_disks(parent.extra)} if parent else {}
@@ -129,8 +135,11 @@ def plan_disks(repo: Repository, qmp: QmpClient, disks: list[Disk], parent: Snap
             plans.append(DiskPlan(disk, None, "a full backup was asked for"))
             continue
         old = previous.get(disk.name)
-        if parent is None or old is None:
-            plans.append(DiskPlan(disk, None, "first backup of this disk"))
+        if parent is None:
+            plans.append(DiskPlan(disk, None, "first backup of this VM (no earlier snapshot of it in this repository)"))
+            continue
+        if old is None:
+            plans.append(DiskPlan(disk, None, "first backup of this disk (the previous snapshot has no such disk)"))
             continue
         reason = _chain_break(repo, qmp, disk, old, prefix)
         if reason:
@@ -147,6 +156,16 @@ def plan_disks(repo: Repository, qmp: QmpClient, disks: list[Disk], parent: Snap
             continue
         plans.append(DiskPlan(disk, str(old["bitmap"]), "", ids))
     return plans
+
+
+def full_read_notes(plans: list[DiskPlan]) -> list[str]:
+    """One line per reason why disks were read fully (for when an incremental was asked for or expected)."""
+    names: dict[str, list[str]] = {}
+    for plan in plans:
+        if plan.since is None:
+            names.setdefault(plan.reason, []).append(plan.disk.name)
+    return [f"{'disk' if len(disks) == 1 else 'disks'} {', '.join(disks)} read fully: {reason}"
+            for reason, disks in names.items()]
 
 
 def _chain_break(repo: Repository, qmp: QmpClient, disk: Disk, old: dict[str, Any], prefix: str) -> str:
@@ -269,8 +288,6 @@ def _store_unless_zero(writer: BlobWriter, data: bytes) -> bytes | None:
 def backup_vm(repo: Repository, options: ImageBackupOptions,
               progress: ProgressCallback | None = None) -> ImageBackupResult:
     """Back up every disk of the VM behind ``options.qmp`` into an open, locked repository."""
-    if options.mode not in ("auto", "full", "incremental"):
-        raise UsageError(f"unknown mode {options.mode!r}; use auto, full or incremental")
     if options.freeze and not options.guest_agent and options.source is None:
         raise UsageError("freezing the guest through a QMP socket needs the guest agent's socket",
                          hint="add --guest-agent SOCKET")
@@ -288,9 +305,11 @@ def backup_vm(repo: Repository, options: ImageBackupOptions,
         history = vm_snapshots(repo, name)
         parent = history[-1] if history else None
         plans = plan_disks(repo, qmp, disks, parent, options.mode)
-        notes = [f"disk {p.disk.name}: full read: {p.reason}" for p in plans
-                 if p.since is None and (parent is not None or options.mode == "incremental")]
-        keep = {p.since for p in plans if p.since}
+        expected_incremental = options.mode == "incremental" or (options.mode == "auto" and parent is not None)
+        notes = full_read_notes(plans) if expected_incremental else []
+        # The previous snapshot's bitmaps are no leftovers, even for disks read fully this time:
+        # those are superseded once this snapshot is stored, and removed then (quietly).
+        keep = {str(d["bitmap"]) for d in image_disks(parent.extra) if d.get("bitmap")} if parent else set()
         for leftover in cleanup_leftovers(qmp, bitmap_prefix(repo), keep=keep):
             notes.append(f"removed what an interrupted backup left in QEMU: {leftover}")
         new_bitmap = bitmap_prefix(repo) + os.urandom(4).hex()
@@ -338,9 +357,23 @@ def backup_vm(repo: Repository, options: ImageBackupOptions,
                 snapshot.extra.update(state=state, consistency="checkpoint", **vm)
                 snapshot.summary.update(pause_ms=round(capture.pause_seconds * 1000, 1),
                                         transaction_ms=snapshot.summary["pause_ms"], state_bytes=state["size"])
+            confirm_held(repo)  # a lock that went stale meanwhile may have let a prune delete our packs
             repo.save_snapshot(snapshot)
             point.commit()
+        if keep - set(since.values()):
+            notes += _drop_superseded(qmp, bitmap_prefix(repo), new_bitmap)
     return ImageBackupResult(snapshot, notes)
+
+
+def _drop_superseded(qmp: QmpClient, prefix: str, new_bitmap: str) -> list[str]:
+    """Remove the previous snapshot's bitmaps of disks read fully: the snapshot just stored starts the
+    chain now. A failure is a note, not an error (the snapshot is stored; the next backup removes them)."""
+    try:
+        cleanup_leftovers(qmp, prefix, keep={new_bitmap})
+    except QmpError as exc:
+        return [f"the previous snapshot's change tracking could not be removed ({exc.message}); the next backup "
+                "removes it"]
+    return []
 
 
 def _quiesce(options: ImageBackupOptions, source: MonitorSource | None) -> GuestQuiesce | None:
@@ -370,7 +403,8 @@ def backup_images(repo: Repository, images: list[str], options: ImageBackupOptio
         raise UsageError("two images would get the same disk name; give files with different names")
     history = vm_snapshots(repo, options.name)
     parent = history[-1] if history else None
-    plans = [DiskPlan(d, None, "the images of a shut-off VM are read fully") for d in disks]
+    plans = [DiskPlan(d, None, "a shut-off VM's images have no change tracking (that needs a running QEMU)")
+             for d in disks]
     advance = _Progress(sum(d.size for d in disks), progress)
     disk_docs: list[dict[str, Any]] = []
     with BlobWriter(repo) as writer:
@@ -384,8 +418,9 @@ def backup_images(repo: Repository, images: list[str], options: ImageBackupOptio
         writer.close()
         snapshot = _snapshot(options.name, options, parent, disk_docs, None, vm_config, 0.0, writer, started,
                              source="image")
+        confirm_held(repo)
         repo.save_snapshot(snapshot)
-    return ImageBackupResult(snapshot, [])
+    return ImageBackupResult(snapshot, full_read_notes(plans) if options.mode == "incremental" else [])
 
 
 def image_disk(path: str) -> Disk:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from typing import NoReturn
 
 import typer
 from rich.text import Text
@@ -15,9 +16,11 @@ from hozon.cli import (
     check_cmd,
     checkpoint_cmd,
     dump_cmd,
+    find_cmd,
     forget_cmd,
     job_cmd,
     manual,
+    repair_cmd,
     repo_cmd,
     restore_cmd,
     server_cmd,
@@ -29,6 +32,8 @@ from hozon.cli import (
 from hozon.cli.common import err_console
 from hozon.errors import HozonError
 
+WARNINGS_EXIT = 3
+
 app = typer.Typer(
     name="hozon", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
     help="Deduplicated, compressed, encrypted backups of files and VMs.", context_settings=manual.CONTEXT_SETTINGS,
@@ -39,6 +44,7 @@ app.command()(snapshots_cmd.snapshots)
 app.command()(snapshots_cmd.ls)
 app.command()(snapshots_cmd.diff)
 app.command()(dump_cmd.dump)
+app.command()(find_cmd.find)
 app.command()(stats_cmd.stats)
 app.command()(tag_cmd.tag)
 app.command()(restore_cmd.restore)
@@ -49,6 +55,7 @@ app.command()(forget_cmd.forget)
 app.command()(forget_cmd.prune)
 app.add_typer(repo_cmd.key_app, name="key")
 app.add_typer(repo_cmd.list_app, name="list")
+app.add_typer(repair_cmd.repair_app, name="repair")
 vm_cmd.vm_app.add_typer(checkpoint_cmd.checkpoint_app, name="checkpoint")
 vm_cmd.vm_app.command("memory")(checkpoint_cmd.vm_memory)
 app.add_typer(vm_cmd.vm_app, name="vm")
@@ -78,6 +85,11 @@ def _options(
     """Deduplicated, compressed, encrypted backups of files and VMs."""
 
 
+def _interrupted() -> NoReturn:
+    err_console.print("hozon: interrupted; nothing was committed by the interrupted step")
+    sys.exit(130)
+
+
 def main() -> None:
     tune_for_large_buffers()
     try:
@@ -88,19 +100,21 @@ def main() -> None:
             sys.exit(code)
     except HozonError as exc:
         # Messages hold paths: never read as markup ('[' in a name), never wrapped (one line to grep).
-        err_console.print(Text.assemble(("hozon: error:", "red"), " ", exc.message), soft_wrap=True)
+        label = "warning" if exc.exit_code == WARNINGS_EXIT else "error"  # done, but with something left over
+        err_console.print(Text.assemble((f"hozon: {label}:", "red"), " ", exc.message), soft_wrap=True)
         if exc.hint:
             err_console.print(f"hint: {exc.hint}", markup=False, soft_wrap=True)
         for note in getattr(exc, "__notes__", []):  # e.g. a guest left frozen while the backup failed
             err_console.print(f"note: {note}", markup=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        err_console.print("hozon: interrupted; nothing was committed by the interrupted step")
-        sys.exit(130)
+        _interrupted()
     except typer.Exit as exc:
+        if isinstance(exc.__cause__, KeyboardInterrupt):  # typer's way of reporting Ctrl-C
+            _interrupted()
         sys.exit(exc.exit_code)
-    except typer.Abort:
-        sys.exit(130)
+    except typer.Abort:  # click's way of reporting Ctrl-C
+        _interrupted()
     except Exception as exc:  # command-line errors: click's, or those of the copy of click newer typers carry
         show = getattr(exc, "show", None)
         code = getattr(exc, "exit_code", None)

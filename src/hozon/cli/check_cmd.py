@@ -7,16 +7,17 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from hozon.cli.common import (
     JsonOption,
+    NoLockOption,
     RepoOption,
+    RetryLockOption,
     console,
     err_console,
     human_bytes,
     interactive,
-    locked_repo,
     print_json,
+    reading_repo,
 )
 from hozon.repo.check import CheckProgress, CheckResult, DataSubset, check_repository
-from hozon.repo.locks import SHARED
 
 ERRORS_EXIT = 1
 
@@ -35,11 +36,13 @@ def check(
              "1/7 … 7/7 on seven nights to read everything once a week), N% a random N percent.",
     ),
     json_out: bool = JsonOption,
+    retry_lock: str = RetryLockOption,
+    no_lock: bool = NoLockOption,
 ) -> None:
     """Check the repository: every index, pack and snapshot is there and readable; exit 1 on damage."""
     subset = DataSubset.parse(read_data_subset) if read_data_subset else None
     read_data = read_data or subset is not None
-    with locked_repo(repo, SHARED, "check", load_index=False) as repository:
+    with reading_repo(repo, "check", load_index=False, retry_lock=retry_lock, no_lock=no_lock) as repository:
         if interactive() and not json_out:
             with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[detail]}"),
                           TimeElapsedColumn(), console=err_console, transient=True) as bar:

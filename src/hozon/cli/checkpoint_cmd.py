@@ -6,8 +6,16 @@ import shlex
 
 import typer
 
-from hozon.backup.image import ImageBackupOptions, backup_vm
-from hozon.cli.common import RepoOption, console, err_console, human_bytes, locked_repo
+from hozon.backup.image import BackupMode, ImageBackupOptions, backup_vm
+from hozon.cli.common import (
+    RepoOption,
+    RetryLockOption,
+    console,
+    err_console,
+    human_bytes,
+    locked_repo,
+    saving_snapshot,
+)
 from hozon.cli.vm_cmd import render_image_backup, run_image_backup
 from hozon.errors import UsageError
 from hozon.repo.locks import SHARED
@@ -25,7 +33,7 @@ def vm_checkpoint(
     libvirt: str = typer.Option(None, "--libvirt", help="A running libvirt domain (name, id or UUID)."),
     connect: str = typer.Option(None, "--connect", help="libvirt URI for --libvirt (default: virsh's)."),
     name: str = typer.Option(None, "--name", help="How the VM is called in the repository (default: QEMU's -name)."),
-    mode: str = typer.Option("auto", "--mode", help="Disks: auto (incremental when the chain allows), full, "
+    mode: BackupMode = typer.Option("auto", "--mode", help="Disks: auto (incremental when the chain allows), full, "
                                                      "incremental."),
     vm_config: str = typer.Option(None, "--vm-config",
                                   help="File with the VM's QEMU command line (one shell-quoted line): what "
@@ -34,6 +42,7 @@ def vm_checkpoint(
     scratch: str = typer.Option(None, "--scratch", help="Directory for QEMU's point-in-time scratch images."),
     repo: str | None = RepoOption,
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    retry_lock: str = RetryLockOption,
 ) -> None:
     """Take a checkpoint of a running VM: every disk and the VM's state at one instant; the VM keeps running.
 
@@ -49,10 +58,11 @@ def vm_checkpoint(
     options = ImageBackupOptions(qmp=qmp or "", name=name, mode=mode, vm_config=vm_config, tags=tag,
                                  scratch_dir=scratch, source=LibvirtSource(libvirt, connect) if libvirt else None,
                                  checkpoint=True)
-    with locked_repo(repo, SHARED, "vm checkpoint") as repository:
-        result = run_image_backup(lambda progress: backup_vm(repository, options, progress),
-                                  "saving state and disks", json_out)
-    render_image_backup(result, json_out)
+    with locked_repo(repo, SHARED, "vm checkpoint", retry_lock=retry_lock) as repository:
+        with saving_snapshot("the checkpoint"):
+            result = run_image_backup(lambda progress: backup_vm(repository, options, progress),
+                                      "saving state and disks", json_out)
+        render_image_backup(result, json_out)  # before the lock goes: its id is out even if the removal fails
 
 
 @checkpoint_app.command("restore")
@@ -67,6 +77,7 @@ def checkpoint_restore(
     connect: str = typer.Option(None, "--connect", help="libvirt checkpoints: the libvirt URI to resume in "
                                                         "(default: the one the checkpoint was taken from)."),
     repo: str | None = RepoOption,
+    retry_lock: str = RetryLockOption,
 ) -> None:
     """Restore a checkpoint's disks and state; print (or, with --start, run) the command that resumes the VM.
 
@@ -75,7 +86,7 @@ def checkpoint_restore(
     """
     if paused and not start:
         raise UsageError("--paused goes with --start")
-    with locked_repo(repo, SHARED, "vm checkpoint restore") as repository:
+    with locked_repo(repo, SHARED, "vm checkpoint restore", retry_lock=retry_lock) as repository:
         snap = repository.resolve_snapshot(snapshot)
         restored = restore_checkpoint(repository, snap, to, start, paused, copy_name=copy_name, uri=connect)
     for note in restored.notes:
@@ -107,9 +118,10 @@ def vm_memory(
     connect: str = typer.Option(None, "--connect", help="libvirt checkpoints: the libvirt URI that loads the "
                                                         "state (default: the one the checkpoint was taken from)."),
     repo: str | None = RepoOption,
+    retry_lock: str = RetryLockOption,
 ) -> None:
     """Export a checkpoint's guest physical memory as an ELF core file (for memory forensics)."""
-    with locked_repo(repo, SHARED, "vm memory") as repository:
+    with locked_repo(repo, SHARED, "vm memory", retry_lock=retry_lock) as repository:
         snap = repository.resolve_snapshot(snapshot)
         size = export_memory(repository, snap, to, uri=connect)
     console.print(f"guest memory of checkpoint {snap.short_id} → {to} (ELF core, {human_bytes(size)})", markup=False)

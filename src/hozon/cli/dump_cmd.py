@@ -7,10 +7,9 @@ import sys
 
 import typer
 
-from hozon.cli.common import RepoOption, locked_repo
+from hozon.cli.common import NoLockOption, RepoOption, RetryLockOption, reading_repo
 from hozon.errors import HozonError, UsageError
 from hozon.repo import browse
-from hozon.repo.locks import SHARED
 from hozon.repo.tree import DIR, FILE, Node
 from hozon.restore.dump import dump_tar, file_bytes
 
@@ -22,6 +21,8 @@ def dump(
     archive: bool = typer.Option(False, "--archive", help="Write a tar archive even when PATH is one file."),
     target: str = typer.Option("", "--target", "-t", metavar="FILE",
                                help="Write to FILE instead of standard output (default: standard output)."),
+    retry_lock: str = RetryLockOption,
+    no_lock: bool = NoLockOption,
 ) -> None:
     """Write a file of a snapshot to standard output, or a directory as a tar archive (like restic dump)."""
     out_file = None
@@ -35,7 +36,7 @@ def dump(
         raise UsageError("standard output is a terminal", hint="redirect it (> FILE, | tar x) or use --target FILE")
     out = out_file or sys.stdout.buffer
     try:
-        with locked_repo(repo, SHARED, "dump") as repository:
+        with reading_repo(repo, "dump", retry_lock=retry_lock, no_lock=no_lock) as repository:
             snap = repository.resolve_snapshot(snapshot)
             if snap.tree is None:
                 raise HozonError(f"snapshot {snap.short_id} is a {snap.kind} snapshot and holds no files",

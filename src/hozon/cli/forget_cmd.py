@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import datetime
 from typing import Any
 
 import typer
@@ -13,11 +12,14 @@ from rich.table import Table
 from hozon.cli.common import (
     JsonOption,
     RepoOption,
+    RetryLockOption,
     console,
     err_console,
     human_bytes,
     interactive,
+    local_time,
     open_repo,
+    parse_duration,
     print_json,
 )
 from hozon.errors import UsageError
@@ -61,6 +63,7 @@ def forget(
     prune: bool = typer.Option(False, "--prune", help="Run prune afterwards to give the space back."),
     repack_threshold: float = RepackOption,
     json_out: bool = JsonOption,
+    retry_lock: str = RetryLockOption,
 ) -> None:
     """Remove snapshots by a retention policy (or by id); the data goes with the next prune."""
     ids = snapshot_ids or []
@@ -75,7 +78,7 @@ def forget(
     fields = parse_group_by(group_by)
     repository = open_repo(repo, load_index=False)
     doc: dict[str, Any] = {"dry_run": dry_run}
-    with Lock(repository, PRUNE, "forget"):
+    with Lock(repository, PRUNE, "forget", parse_duration(retry_lock)):
         groups: list[Group] = []
         if ids:
             chosen = {s.id: s for s in (repository.resolve_snapshot(ref) for ref in ids)}
@@ -105,10 +108,11 @@ def prune(
     dry_run: bool = DryRunOption,
     repack_threshold: float = RepackOption,
     json_out: bool = JsonOption,
+    retry_lock: str = RetryLockOption,
 ) -> None:
     """Delete data no snapshot uses and repack partly used packs; safe while backups run."""
     repository = open_repo(repo, load_index=False)
-    with Lock(repository, PRUNE, "prune"):
+    with Lock(repository, PRUNE, "prune", parse_duration(retry_lock)):
         doc = _prune(repository, dry_run, repack_threshold, json_out)
     if json_out:
         print_json(doc)
@@ -124,7 +128,7 @@ def _snapshot_table(decisions: Iterable[tuple[Snapshot, str]]) -> Table:
     for col in ("ID", "Time", "Host", "Tags", "Paths", "Reasons"):
         table.add_column(col)
     for snap, reasons in decisions:
-        when = datetime.fromisoformat(snap.time).strftime("%Y-%m-%d %H:%M:%S")
+        when = local_time(snap.time)
         cells = (snap.short_id, when, snap.hostname, ",".join(snap.tags), "\n".join(snap.paths), reasons)
         table.add_row(*(escape(c) for c in cells))
     return table

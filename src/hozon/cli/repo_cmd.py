@@ -9,15 +9,17 @@ import typer
 from hozon.cli.common import (
     JsonOption,
     RepoOption,
+    RetryLockOption,
     console,
-    locked_repo,
     open_repo,
+    parse_duration,
     print_json,
     read_password,
 )
-from hozon.errors import HozonError, UsageError
+from hozon.errors import RepositoryFull, UsageError
+from hozon.repo import schema
 from hozon.repo.backends import open_backend
-from hozon.repo.locks import EXCLUSIVE, list_locks, remove_stale_locks
+from hozon.repo.locks import EXCLUSIVE, Lock, list_locks, remove_stale_locks
 from hozon.repo.pack import BLOB_TYPES
 from hozon.repo.repository import Repository
 
@@ -36,7 +38,11 @@ def init(
 
     backend = open_backend(repo_location(repo))
     password = None if insecure_no_encryption else read_password(confirm=True, prompt="new repository password: ")
-    repository = Repository.init(backend, password, encrypted=not insecure_no_encryption)
+    try:
+        repository = Repository.init(backend, password, encrypted=not insecure_no_encryption)
+    except RepositoryFull as exc:
+        exc.hint = "free space, then run hozon init again: it finishes what this one began"
+        raise
     mode = "unencrypted (--insecure-no-encryption)" if insecure_no_encryption else "encrypted (AES-256-GCM)"
     console.print(f"created {mode} repository {repository.config['id'][:8]} at {backend.location}")
     if not insecure_no_encryption:
@@ -44,16 +50,17 @@ def init(
 
 
 @key_app.command("passwd")
-def key_passwd(repo: str | None = RepoOption) -> None:
+def key_passwd(repo: str | None = RepoOption, retry_lock: str = RetryLockOption) -> None:
     """Change the password (rewrites one key file; no data is touched)."""
     import os
 
-    with locked_repo(repo, EXCLUSIVE, "key passwd", load_index=False) as repository:
-        if not repository.master.encrypted:
-            raise UsageError("this repository is not encrypted; it has no password to change")
-        new = os.environ.get("HOZON_NEW_PASSWORD")
-        if new is None:
-            new = read_password_new()
+    repository = open_repo(repo, load_index=False)
+    if not repository.master.encrypted:
+        raise UsageError("this repository is not encrypted; it has no password to change")
+    new = os.environ.get("HOZON_NEW_PASSWORD")
+    if new is None:
+        new = read_password_new()  # before the lock: a backup may start while we wait at the prompt
+    with Lock(repository, EXCLUSIVE, "key passwd", parse_duration(retry_lock)):
         repository.change_password(new)
     console.print("password changed")
 
@@ -133,13 +140,21 @@ def cat(
     repo: str | None = RepoOption,
 ) -> None:
     """Print a repository object, decrypted (for debugging)."""
+    kinds = ("config", "snapshot", "tree", "blob", "index", "pack", "key")
+    if kind not in kinds:
+        raise UsageError(f"unknown object kind {kind!r}", hint=f"one of: {' '.join(kinds)}")
+    if kind in {"tree", "blob", "index", "pack"}:
+        _check_hex_id(kind, object_id)
     repository = open_repo(repo, load_index=kind in {"tree", "blob"})
     if kind == "config":
         print_json(repository.config)
     elif kind == "snapshot":
         print_json(repository.resolve_snapshot(object_id).listing())
     elif kind == "tree":
-        print_json(json.loads(repository.load_blob(bytes.fromhex(object_id))))
+        try:  # as stored, unknown fields included: this is for debugging
+            print_json(schema.parse_json(repository.load_blob(bytes.fromhex(object_id))))
+        except schema.Invalid as exc:
+            raise UsageError(f"blob {object_id[:16]} is not a tree ({exc})") from exc
     elif kind == "blob":
         import sys
 
@@ -151,7 +166,13 @@ def cat(
         _data, entries = repository.read_pack(object_id)
         print_json([{"type": BLOB_TYPES.get(e.blob_type), "id": e.blob_id.hex(), "offset": e.offset,
                      "length": e.length, "raw_length": e.raw_length} for e in entries])
-    elif kind == "key":
-        print_json(json.loads(repository.backend.get(f"keys/{repository.key_name}")))
     else:
-        raise HozonError(f"unknown object kind {kind!r}", hint="one of: config snapshot tree blob index pack key")
+        print_json(json.loads(repository.backend.get(f"keys/{repository.key_name}")))
+
+
+def _check_hex_id(kind: str, object_id: str) -> None:
+    """Blobs, index files and packs are named by 32-byte ids: 64 hex digits (never a path)."""
+    try:
+        schema.BLOB_ID(object_id)
+    except schema.Invalid as exc:
+        raise UsageError(f"{object_id!r} is not a {kind} id", hint=f"a {kind} id is 64 hexadecimal digits") from exc

@@ -6,8 +6,17 @@ import typer
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
-from hozon.cli.common import RepoOption, console, err_console, human_bytes, interactive, locked_repo
-from hozon.repo.locks import SHARED
+from hozon.cli.common import (
+    NoLockOption,
+    RepoOption,
+    RetryLockOption,
+    console,
+    err_console,
+    human_bytes,
+    interactive,
+    print_json,
+    reading_repo,
+)
 from hozon.restore.files import RestoreCounters, RestoreOptions, restore_files
 
 WARNINGS_EXIT = 3
@@ -17,14 +26,23 @@ def restore(
     snapshot: str = typer.Argument(..., help="Snapshot id, prefix, or 'latest'."),
     target: str = typer.Option(..., "--target", "-t", help="Directory to restore into (created if missing)."),
     repo: str | None = RepoOption,
-    include: list[str] = typer.Option([], "--include", "-i", help="Only restore paths matching P (repeatable)."),
+    include: list[str] = typer.Option([], "--include", "-i",
+                                      help="Only restore paths matching P (repeatable; docs/patterns.md)."),
     exclude: list[str] = typer.Option([], "--exclude", "-e", help="Skip paths matching P (repeatable)."),
+    overwrite: str = typer.Option("always", "--overwrite",
+                                  help="An entry already in the target: always, if-changed (size or mtime "
+                                       "differ), if-newer (the snapshot's mtime is newer), never."),
+    dry_run: bool = typer.Option(False, "--dry-run", "-n", help="Write nothing; say what would be done."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON summary."),
+    retry_lock: str = RetryLockOption,
+    no_lock: bool = NoLockOption,
 ) -> None:
     """Restore a file snapshot below --target; nothing is ever written outside it."""
-    options = RestoreOptions(target=target, includes=include, excludes=exclude)
-    with locked_repo(repo, SHARED, "restore") as repository:
+    options = RestoreOptions(target=target, includes=include, excludes=exclude, overwrite=overwrite,
+                             dry_run=dry_run)
+    with reading_repo(repo, "restore", retry_lock=retry_lock, no_lock=no_lock) as repository:
         snap = repository.resolve_snapshot(snapshot)
-        if interactive():
+        if interactive() and not json_out and not dry_run:
             with Progress(TextColumn("restoring"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
                           console=err_console, transient=True) as bar:
                 task = bar.add_task("restore", total=snap.summary.get("total_bytes") or None)
@@ -35,11 +53,21 @@ def restore(
                 result = restore_files(repository, snap, options, show)
         else:
             result = restore_files(repository, snap, options)
-    for w in result.warnings:
-        # Paths as they are: never read as markup, never wrapped (logs are searched for them).
-        err_console.print(Text.assemble(("warning:", "yellow"), " ", w), soft_wrap=True)
     c = result.counters
-    console.print(f"restored snapshot {snap.short_id} to {target}: {c.files} files, {c.dirs} dirs, "
-                  f"{human_bytes(c.bytes_written)}", markup=False)
+    if json_out:
+        print_json({"snapshot": snap.id, "target": target, "dry_run": dry_run, "files": c.files, "dirs": c.dirs,
+                    "bytes": c.bytes_written, "overwritten": c.overwritten, "skipped": c.skipped,
+                    "warnings": result.warnings,
+                    **({"existing": [{"action": a, "path": p} for a, p in result.existing]} if dry_run else {})})
+    else:
+        for w in result.warnings:
+            # Paths as they are: never read as markup, never wrapped (logs are searched for them).
+            err_console.print(Text.assemble(("warning:", "yellow"), " ", w), soft_wrap=True)
+        for action, path in result.existing:  # a dry run: what would happen to what is there
+            console.print(Text.assemble(f"would {action} ", path), soft_wrap=True)
+        verb = "would restore" if dry_run else "restored"
+        console.print(f"{verb} snapshot {snap.short_id} to {target}: {c.files} files, {c.dirs} dirs, "
+                      f"{human_bytes(c.bytes_written)}; {c.overwritten} replaced, {c.skipped} left as they were",
+                      markup=False)
     if result.warnings:
         raise typer.Exit(WARNINGS_EXIT)

@@ -9,7 +9,18 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from hozon.cli.common import JsonOption, RepoOption, console, err_console, human_bytes, open_repo, print_json
+from hozon.cli.common import (
+    JsonOption,
+    NoLockOption,
+    RepoOption,
+    RetryLockOption,
+    console,
+    err_console,
+    human_bytes,
+    local_time,
+    open_for_reading,
+    print_json,
+)
 from hozon.errors import HozonError
 from hozon.repo import browse
 from hozon.repo.imagediff import ImageDiff, diff_images
@@ -19,14 +30,17 @@ from hozon.repo.tree import DIR, SYMLINK
 
 
 def snapshots(
+    ctx: typer.Context,
     repo: str | None = RepoOption,
     json_out: bool = JsonOption,
     host: str = typer.Option("", "--host", help="Only snapshots of this host."),
     tag: list[str] = typer.Option([], "--tag", help="Only snapshots with this tag (repeatable: any)."),
     path: list[str] = typer.Option([], "--path", help="Only snapshots of this path (repeatable)."),
+    retry_lock: str = RetryLockOption,
+    no_lock: bool = NoLockOption,
 ) -> None:
     """List snapshots, oldest first."""
-    repository = open_repo(repo, load_index=False)
+    repository = open_for_reading(ctx, repo, load_index=False, retry_lock=retry_lock, no_lock=no_lock)
     snaps, damaged = repository.readable_snapshots()
     for problem in damaged:
         err_console.print(f"warning: {problem.message}; it is not listed", markup=False, soft_wrap=True)
@@ -45,7 +59,7 @@ def _print_table(snaps: list[Snapshot]) -> None:
     for col in ("ID", "Time", "Host", "Kind", "Tags", "Paths / disks", "Size", "Read"):
         table.add_column(col)
     for s in snaps:
-        when = datetime.fromisoformat(s.time).strftime("%Y-%m-%d %H:%M:%S")
+        when = local_time(s.time)
         size = human_bytes(s.summary.get("total_bytes", 0) + s.summary.get("state_bytes", 0))  # a checkpoint's too
         read = human_bytes(s.summary.get("bytes_read", 0))
         what = "\n".join(s.paths)
@@ -59,14 +73,17 @@ def _print_table(snaps: list[Snapshot]) -> None:
 
 
 def ls(
+    ctx: typer.Context,
     snapshot: str = typer.Argument(..., help="Snapshot id, prefix, or 'latest'."),
     path: str = typer.Argument("/", help="List below this path only."),
     repo: str | None = RepoOption,
     json_out: bool = JsonOption,
     long: bool = typer.Option(False, "--long", "-l", help="Show mode, owner, size and time."),
+    retry_lock: str = RetryLockOption,
+    no_lock: bool = NoLockOption,
 ) -> None:
     """List the files in a snapshot."""
-    repository = open_repo(repo)
+    repository = open_for_reading(ctx, repo, retry_lock=retry_lock, no_lock=no_lock)
     snap = repository.resolve_snapshot(snapshot)
     if snap.tree is None:
         raise HozonError(f"snapshot {snap.short_id} is a {snap.kind} snapshot and holds no files",
@@ -101,17 +118,20 @@ def ls(
 
 
 def diff(
+    ctx: typer.Context,
     first: str = typer.Argument(..., help="Older snapshot."),
     second: str = typer.Argument(..., help="Newer snapshot."),
     repo: str | None = RepoOption,
     json_out: bool = JsonOption,
+    retry_lock: str = RetryLockOption,
+    no_lock: bool = NoLockOption,
 ) -> None:
     """Show what changed between two snapshots (+ added, - removed, M modified, U metadata, T type).
 
     Between two image snapshots or checkpoints of one VM: each disk's changed regions (at its chunk
     size) and bytes, and for two checkpoints how much of the memory changed.
     """
-    repository = open_repo(repo)
+    repository = open_for_reading(ctx, repo, retry_lock=retry_lock, no_lock=no_lock)
     a, b = repository.resolve_snapshot(first), repository.resolve_snapshot(second)
     if a.tree is None or b.tree is None:
         _render_image_diff(diff_images(repository, a, b), json_out)

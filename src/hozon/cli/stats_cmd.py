@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import typer
 
-from hozon.cli.common import JsonOption, RepoOption, console, human_bytes, locked_repo, print_json
+from hozon.cli.common import (
+    JsonOption,
+    NoLockOption,
+    RepoOption,
+    RetryLockOption,
+    console,
+    human_bytes,
+    print_json,
+    reading_repo,
+)
 from hozon.errors import UsageError
-from hozon.repo.locks import SHARED
 from hozon.repo.stats import MODES, RAW_DATA, RESTORE_SIZE, snapshot_stats
 
 
@@ -19,11 +27,13 @@ def stats(
                                   "reference, stored and uncompressed, with the deduplication and compression "
                                   "ratios (default: restore-size)."),
     json_out: bool = JsonOption,
+    retry_lock: str = RetryLockOption,
+    no_lock: bool = NoLockOption,
 ) -> None:
     """Show the restore size of snapshots, or (--mode raw-data) what they take in the repository."""
     if mode not in MODES:
         raise UsageError(f"unknown mode {mode!r}", hint="use one of: " + ", ".join(MODES))
-    with locked_repo(repo, SHARED, "stats") as repository:
+    with reading_repo(repo, "stats", retry_lock=retry_lock, no_lock=no_lock) as repository:
         if snapshot:
             snaps = [repository.resolve_snapshot(ref) for ref in snapshot]
         else:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from hozon.cli.common import JsonOption, RepoOption, console, locked_repo, print_json
+from hozon.cli.common import JsonOption, RepoOption, RetryLockOption, console, locked_repo, print_json
 from hozon.errors import UsageError
 from hozon.repo.locks import PRUNE
 from hozon.repo.retag import new_tags, retag
@@ -18,6 +18,7 @@ def tag(
     set_: list[str] = typer.Option([], "--set", metavar="TAG",
                                    help="Replace all tags by these (repeatable; --set '' removes every tag)."),
     json_out: bool = JsonOption,
+    retry_lock: str = RetryLockOption,
 ) -> None:
     """Change snapshots' tags; each changed snapshot gets a new id (its file is written anew)."""
     if set_ and (add or remove):
@@ -27,7 +28,7 @@ def tag(
     replace = [t for t in set_ if t] if set_ else None
     changes: list[dict[str, object]] = []
     # A prune lock: forget must not delete the old file while the new one is written (it would come back).
-    with locked_repo(repo, PRUNE, "tag", load_index=False) as repository:
+    with locked_repo(repo, PRUNE, "tag", load_index=False, retry_lock=retry_lock) as repository:
         chosen = {s.id: s for s in (repository.resolve_snapshot(ref) for ref in snapshot)}
         for snap in chosen.values():
             tags = new_tags(snap.tags, add, remove, replace)

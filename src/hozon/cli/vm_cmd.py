@@ -3,29 +3,38 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import datetime
 from typing import Any
 
 import typer
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from hozon.backup.image import ImageBackupOptions, ImageBackupResult, ProgressCallback, backup_images, backup_vm
+from hozon.backup.image import (
+    BackupMode,
+    ImageBackupOptions,
+    ImageBackupResult,
+    ProgressCallback,
+    backup_images,
+    backup_vm,
+)
 from hozon.cli.common import (
     JsonOption,
     RepoOption,
+    RetryLockOption,
     console,
     err_console,
     human_bytes,
     interactive,
+    local_time,
     locked_repo,
     open_repo,
     print_json,
+    saving_snapshot,
 )
 from hozon.errors import HozonError, UsageError
 from hozon.repo.imagemap import image_disks
 from hozon.repo.locks import SHARED
-from hozon.restore.image import restore_image
+from hozon.restore.image import DiskRestore, restore_image
 from hozon.sources.libvirt import LibvirtSource, RestoredDisk, check_name_free, define_copy, saved_definition
 
 vm_app = typer.Typer(help="Back up and restore whole VMs (image level).", no_args_is_help=True)
@@ -43,7 +52,7 @@ def vm_backup(
     libvirt: str = typer.Option(None, "--libvirt", help="A running libvirt domain (name, id or UUID)."),
     connect: str = typer.Option(None, "--connect", help="libvirt URI for --libvirt (default: virsh's)."),
     name: str = typer.Option(None, "--name", help="How the VM is called in the repository (default: QEMU's -name)."),
-    mode: str = typer.Option("auto", "--mode", help="auto (incremental when the chain allows), full, incremental."),
+    mode: BackupMode = typer.Option("auto", "--mode", help="auto: incremental when the chain allows."),
     vm_config: str = typer.Option(None, "--vm-config", help="File with the VM's QEMU command line, kept with it."),
     tag: list[str] = typer.Option([], "--tag", help="Tag the snapshot (repeatable)."),
     scratch: str = typer.Option(None, "--scratch", help="Directory for QEMU's point-in-time scratch images."),
@@ -56,6 +65,7 @@ def vm_backup(
                                          "--freeze. Not for --libvirt, whose agent channel libvirt keeps."),
     repo: str | None = RepoOption,
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    retry_lock: str = RetryLockOption,
 ) -> None:
     """Back up every disk of a running VM at one instant; incremental through dirty bitmaps.
 
@@ -86,10 +96,11 @@ def vm_backup(
     options = ImageBackupOptions(qmp=qmp or "", name=name, mode=mode, vm_config=vm_config, tags=tag,
                                  scratch_dir=scratch, source=LibvirtSource(libvirt, connect) if libvirt else None,
                                  guest_agent=guest_agent, freeze=freeze or bool(guest_agent))
-    with locked_repo(repo, SHARED, "vm backup") as repository:
-        result = run_image_backup(lambda progress: backup_images(repository, image, options, progress) if image
-                                  else backup_vm(repository, options, progress), "reading disks", json_out)
-    render_image_backup(result, json_out)
+    with locked_repo(repo, SHARED, "vm backup", retry_lock=retry_lock) as repository:
+        with saving_snapshot("the VM backup"):
+            result = run_image_backup(lambda progress: backup_images(repository, image, options, progress) if image
+                                      else backup_vm(repository, options, progress), "reading disks", json_out)
+        render_image_backup(result, json_out)  # before the lock goes: its id is out even if the removal fails
 
 
 def run_image_backup(run: Callable[[ProgressCallback | None], ImageBackupResult], what: str,
@@ -135,7 +146,13 @@ def vm_restore(
     libvirt_define: str = typer.Option(None, "--libvirt-define",
                                        help="Define the restored VM in libvirt under this name (new UUID and MACs)."),
     connect: str = typer.Option(None, "--connect", help="libvirt URI for --libvirt-define (default: virsh's)."),
+    overwrite: str = typer.Option(None, "--overwrite",
+                                  help="An image already there (refused by default): always (replace it), if-newer "
+                                       "(replace it if older than the snapshot), never (leave it, skip the disk)."),
+    dry_run: bool = typer.Option(False, "--dry-run", "-n", help="Write nothing; say what would be done."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON summary."),
     repo: str | None = RepoOption,
+    retry_lock: str = RetryLockOption,
 ) -> None:
     """Restore a VM snapshot's disks as thin images; any snapshot restores on its own."""
     if fmt not in (None, "qcow2", "raw"):
@@ -144,25 +161,32 @@ def vm_restore(
         raise UsageError("--libvirt-define defines the whole VM; it cannot go with --disk")
     if connect and not libvirt_define:
         raise UsageError("--connect is for --libvirt-define NAME")
-    with locked_repo(repo, SHARED, "vm restore") as repository:
+    if libvirt_define and dry_run:
+        raise UsageError("--libvirt-define defines a domain; it cannot go with --dry-run")
+    with locked_repo(repo, SHARED, "vm restore", retry_lock=retry_lock) as repository:
         snap = repository.resolve_snapshot(snapshot)
         if snap.tree is not None:
             raise HozonError(f"snapshot {snap.short_id} is a file snapshot", hint="use: hozon restore")
         domain_xml = saved_definition(snap.extra, snap.short_id) if libvirt_define else ""
         if libvirt_define:
             check_name_free(libvirt_define, connect)
-        if interactive():
+        if interactive() and not json_out and not dry_run:
             with _bar() as bar:
                 task = bar.add_task("restoring", total=None)
                 disks = restore_image(repository, snap, to, disk, fmt,
-                                      lambda done, total: bar.update(task, completed=done, total=total))
+                                      lambda done, total: bar.update(task, completed=done, total=total),
+                                      overwrite, dry_run)
         else:
-            disks = restore_image(repository, snap, to, disk, fmt)
-    for d in disks:
-        zeros = "zeros written" if d.path.startswith("/dev/") else "left unallocated"
-        console.print(f"disk {d.name} → {d.path} ({d.format}, {human_bytes(d.size)}, "
-                      f"{human_bytes(d.bytes_written)} written, {human_bytes(d.zero_bytes)} {zeros})", markup=False)
-    console.print(f"restored snapshot {snap.short_id} of VM {snap.extra.get('vm')}", markup=False)
+            disks = restore_image(repository, snap, to, disk, fmt, None, overwrite, dry_run)
+    if json_out:
+        print_json({"snapshot": snap.id, "vm": snap.extra.get("vm"), "to": to, "dry_run": dry_run,
+                    "disks": [vars(d) for d in disks], "bytes": sum(d.bytes_written for d in disks),
+                    "overwritten": sum(d.action == "replaced" for d in disks),
+                    "skipped": sum(d.action == "skipped" for d in disks), "warnings": []})
+    else:
+        _render_image_restore(disks, dry_run, overwrite)
+        console.print(f"{'would restore' if dry_run else 'restored'} snapshot {snap.short_id} of VM "
+                      f"{snap.extra.get('vm')}", markup=False)
     if libvirt_define:
         defined = define_copy(domain_xml, libvirt_define, [RestoredDisk(d.name, d.path, d.format) for d in disks],
                               connect)
@@ -170,6 +194,21 @@ def vm_restore(
             err_console.print(f"note: {note}", markup=False, soft_wrap=True)
         console.print(f"defined libvirt domain {defined.name} (UUID {defined.uuid}) on the restored images",
                       markup=False)
+
+
+def _render_image_restore(disks: list[DiskRestore], dry_run: bool, overwrite: str | None) -> None:
+    for d in disks:
+        if d.action == "skipped":
+            console.print(f"disk {d.name}: {d.path} is there; left as it is (--overwrite {overwrite})", markup=False)
+        elif dry_run:
+            verb = "would replace" if d.action == "replaced" else "would write"
+            console.print(f"disk {d.name}: {verb} {d.path} ({d.format}, {human_bytes(d.size)})", markup=False)
+        else:
+            zeros = "zeros written" if d.path.startswith("/dev/") else "left unallocated"
+            verb = " (replaced)" if d.action == "replaced" else ""
+            console.print(f"disk {d.name} → {d.path}{verb} ({d.format}, {human_bytes(d.size)}, "
+                          f"{human_bytes(d.bytes_written)} written, {human_bytes(d.zero_bytes)} {zeros})",
+                          markup=False)
 
 
 @vm_app.command("ls")
@@ -197,7 +236,7 @@ def vm_ls(repo: str | None = RepoOption, json_out: bool = JsonOption) -> None:
             table.add_column(col)
         for e in entries:
             disks = e["disks"]
-            when = datetime.fromisoformat(str(e["time"])).strftime("%Y-%m-%d %H:%M:%S")
+            when = local_time(str(e["time"]))
             names = ", ".join(f"{d['name']} {human_bytes(d['size'] or 0)} ({d['mode']})" for d in disks)
             read = human_bytes(sum(d["bytes_read"] or 0 for d in disks))
             table.add_row(str(e["short_id"]), when, str(e["kind"]), names, read)

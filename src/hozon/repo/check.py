@@ -157,6 +157,25 @@ def check_repository(
     return _Check(repo, progress).run(read_data, subset)
 
 
+@dataclass(frozen=True, eq=False)
+class Damage:
+    """A check's result and which blobs it found lost, for ``hozon repair snapshots``."""
+
+    result: CheckResult
+    lost: npt.NDArray[np.bool_]  # per row of repo.index: its pack is missing, or (read_data) it fails its checks
+    index_errors: int  # index files that do not load: the blobs only they list look lost
+    unreferenced_packs: int  # packs in data/ that no loaded index file names
+
+
+def find_damage(
+    repo: Repository, read_data: bool = False, progress: Callable[[CheckProgress], None] | None = None
+) -> Damage:
+    """:func:`check_repository`, keeping what it learnt about every blob."""
+    check = _Check(repo, progress)
+    result = check.run(read_data, None)
+    return Damage(result, check.bad_row, check.index_errors, check.unreferenced)
+
+
 def _what(exc: CorruptData) -> str:
     """The part of a CorruptData message after '… is damaged: '."""
     return exc.message.split(" is damaged: ", 1)[-1]
@@ -182,6 +201,7 @@ class _Check:
         self.snapshot_errors: dict[str, list[str]] = {}
         self.packs_read = 0
         self.bytes_read = 0
+        self.unreferenced = 0  # packs in data/ that no loaded index file names
 
     # -- the phases -----------------------------------------------------------------------------
     def run(self, read_data: bool, subset: DataSubset | None) -> CheckResult:
@@ -230,6 +250,7 @@ class _Check:
                 unreferenced += 1
             else:
                 present[n] = True
+        self.unreferenced = unreferenced
         self.missing = [n for n, here in enumerate(present) if not here]
         for n in self.missing:
             self._mark_pack_lost(n)
@@ -543,4 +564,4 @@ def _snapshot_time(snap: Snapshot) -> float:
         return 0.0
 
 
-__all__ = ["Affected", "CheckProgress", "CheckResult", "DataSubset", "check_repository"]
+__all__ = ["Affected", "CheckProgress", "CheckResult", "Damage", "DataSubset", "check_repository", "find_damage"]

@@ -349,8 +349,8 @@ def _old_tmp_files(repo: Repository) -> list[str]:
 
 
 # -- execute --------------------------------------------------------------------------------------
-class _IndexWriter:
-    """Writes pack records into index files of bounded size."""
+class IndexWriter:
+    """Writes pack records into index files of bounded size (prune and repair replace the index with it)."""
 
     def __init__(self, repo: Repository) -> None:
         self.repo = repo
@@ -392,7 +392,7 @@ def execute_prune(repo: Repository, plan: PrunePlan, progress: Progress | None =
 
         # Step 3: the new index, without newly condemned packs and without those about to go.
         say("writing the new index")
-        out = _IndexWriter(repo)
+        out = IndexWriter(repo)
         live = set(plan.keep) | set(plan.resurrect)
         still_condemned = set(plan.waiting) | (set(plan.delete) - going)
         stamped_later = set(plan.condemn) | set(plan.repack)

@@ -18,8 +18,16 @@ from collections.abc import Iterator
 from typing import Any
 
 from hozon import compress
-from hozon.crypto import AuthenticationFailed, MasterKey, content_name, unwrap_master_key, wrap_master_key
-from hozon.errors import CorruptData, HozonError, RepositoryExists, RepositoryNotFound, SnapshotNotFound
+from hozon.crypto import AuthenticationFailed, MasterKey, content_name, unwrap_key, wrap_master_key
+from hozon.errors import (
+    CorruptData,
+    HozonError,
+    RepositoryExists,
+    RepositoryNotFound,
+    SnapshotNotFound,
+    WrongPassword,
+)
+from hozon.repo import known, schema
 from hozon.repo.backends.base import Backend
 from hozon.repo.index import ChunkIndex, IndexFile, PackRecord, decode_index, encode_index
 from hozon.repo.pack import BLOB_TYPES, PackEntry, blob_aad, pack_key, read_header
@@ -42,51 +50,82 @@ class Repository:
     # -- creating and opening -------------------------------------------------------------------
     @classmethod
     def init(cls, backend: Backend, password: str | None, encrypted: bool = True) -> Repository:
+        """Create a repository; the config, written last, is what makes it one.
+
+        An init that failed before its config was written (a full disk) left only key files: they
+        protect nothing, so a second init removes them and starts again.
+        """
         if backend.exists(CONFIG):
             raise RepositoryExists(backend.location)
-        if any(True for _ in backend.list("keys")):
-            raise RepositoryExists(backend.location)
+        leftovers = sorted(backend.list("keys"))
+        if leftovers and any(any(True for _ in backend.list(p)) for p in ("data", "index", "snapshots")):
+            raise RepositoryExists(backend.location)  # a repository that lost its config: not ours to clear
         master = MasterKey.generate(encrypted)
         key_name = _store_key(backend, master, password)
-        config = {"version": FORMAT_VERSION, "id": os.urandom(16).hex(), "encrypted": encrypted}
+        for key in leftovers:
+            backend.delete(key)
+        repo_id = os.urandom(16).hex()
+        config = {"version": FORMAT_VERSION, "id": repo_id, "encrypted": encrypted}
         repo = cls(backend, master, config, key_name)
         backend.put(CONFIG, repo.seal(json.dumps(config).encode(), b"config"))
+        known.remember(backend.location, repo_id, encrypted)
         return repo
 
     @classmethod
     def open(cls, backend: Backend, password: str | None) -> Repository:
-        if not backend.exists(CONFIG):
-            raise RepositoryNotFound(backend.location)
-        last_error: HozonError | None = None
+        """Open with the first key that the password opens and that authenticates the config.
+
+        Key files are not authenticated (anyone who can write the repository can add one), so a key
+        that opens but does not seal this config (copied from another repository) is passed over.
+        The repository must then be what this client knew at this location (``repo.known``).
+        """
+        try:
+            sealed_config = backend.get(CONFIG)
+        except FileNotFoundError as exc:
+            raise RepositoryNotFound(backend.location) from exc
+        wrong: WrongPassword | None = None
+        damaged: CorruptData | None = None  # a key file that is no key: named only if no key fits
+        config_problem: CorruptData | None = None
         for key in sorted(backend.list("keys")):
             try:
-                doc = json.loads(backend.get(key))
-                master = unwrap_master_key(doc, password)
-            except HozonError as exc:
-                last_error = exc
+                master = _unlock_key(backend, key, password)
+            except FileNotFoundError:
+                continue  # removed by a password change while we listed
+            except WrongPassword as exc:
+                wrong = exc
                 continue
-            except (ValueError, KeyError) as exc:
-                last_error = CorruptData(key, f"unreadable key file ({exc})")
+            except CorruptData as exc:
+                damaged = exc
                 continue
             repo = cls(backend, master, {}, key.rsplit("/", 1)[-1])
-            repo.config = json.loads(repo.load_file(CONFIG, b"config"))
-            if repo.config.get("version", 0) > FORMAT_VERSION:
-                raise HozonError(f"repository format {repo.config['version']} is newer than this Hozon reads")
+            try:
+                repo.config = _check_config(repo.unseal(CONFIG, sealed_config, b"config"), master)
+            except CorruptData as exc:
+                config_problem = exc  # a key of another repository, or a damaged config
+                continue
+            known.vouch(backend.location, repo.config["id"], master.encrypted, password_given=password is not None)
             return repo
-        raise last_error or CorruptData("keys/", "the repository has no key file")
+        raise config_problem or wrong or damaged or CorruptData("keys/", "the repository has no key file")
 
     @staticmethod
     def needs_password(backend: Backend) -> bool:
-        """False for a repository made with --insecure-no-encryption (no prompt is needed)."""
+        """False only when every readable key file is unencrypted (--insecure-no-encryption).
+
+        A key file anyone added cannot turn the password off: one encrypted key is enough to ask.
+        """
+        kinds: set[str] = set()
         for key in backend.list("keys"):
             try:
-                return bool(json.loads(backend.get(key)).get("kdf") != "none")
-            except (ValueError, OSError):
+                kinds.add(schema.key_file(schema.parse_json(backend.get(key)))["kdf"])
+            except (schema.Invalid, FileNotFoundError):
                 continue
-        return True
+        return kinds != {"none"}
 
     def change_password(self, new_password: str) -> str:
-        """Add a key file for the new password, then remove the old one; data is not touched."""
+        """Add a key file for the new password, then remove the old one; data is not touched.
+
+        An empty password is refused (by ``wrap_master_key``) before anything is written.
+        """
         new_key = _store_key(self.backend, self.master, new_password)
         self.backend.delete(f"keys/{self.key_name}")
         self.key_name = new_key
@@ -191,7 +230,7 @@ class Repository:
         data = self.load_blob(blob_id)
         try:
             return decode_tree(data)
-        except (ValueError, TypeError, KeyError) as exc:
+        except schema.Invalid as exc:
             loc = self.index.lookup(blob_id)
             where = pack_key(loc.pack) if loc else "index/"
             raise CorruptData(where, f"tree blob {tree_id[:16]} is not a valid tree ({exc})") from exc
@@ -205,7 +244,10 @@ class Repository:
 
     def load_snapshot(self, snapshot_id: str) -> Snapshot:
         key = f"snapshots/{snapshot_id}"
-        return Snapshot.from_json(json.loads(self.load_file(key, b"snapshot")), snapshot_id)
+        try:
+            return Snapshot.decode(self.load_file(key, b"snapshot"), snapshot_id)
+        except schema.Invalid as exc:
+            raise CorruptData(key, f"it is not a valid snapshot ({exc})") from exc
 
     def snapshot_ids(self) -> list[str]:
         return sorted(k.rsplit("/", 1)[-1] for k in self.backend.list("snapshots"))
@@ -224,8 +266,6 @@ class Repository:
                 snaps.append(self.load_snapshot(snapshot_id))
             except CorruptData as exc:
                 damaged.append(exc)
-            except (ValueError, KeyError, TypeError) as exc:
-                damaged.append(CorruptData(f"snapshots/{snapshot_id}", f"unreadable content ({exc})"))
         return sorted(snaps, key=lambda s: s.datetime), damaged
 
     def resolve_snapshot(self, ref: str) -> Snapshot:
@@ -249,6 +289,31 @@ class Repository:
 
     def delete_snapshot(self, snapshot_id: str) -> None:
         self.backend.delete(f"snapshots/{snapshot_id}")
+
+
+def _unlock_key(backend: Backend, key: str, password: str | None) -> MasterKey:
+    """The master key in key file ``key``; WrongPassword, or CorruptData for a file that is no key."""
+    try:
+        doc = schema.key_file(schema.parse_json(backend.get(key)))
+        master = MasterKey.from_json(schema.MASTER_KEY(schema.parse_json(unwrap_key(doc, password))))
+    except (schema.Invalid, ValueError) as exc:  # ValueError: KDF parameters Argon2 refuses
+        raise CorruptData(key, f"it is not a key file ({exc})") from exc
+    if master.encrypted != (doc["kdf"] != "none"):
+        raise CorruptData(key, "its key's encryption does not match how the key file is protected")
+    return master
+
+
+def _check_config(plaintext: bytes, master: MasterKey) -> dict[str, Any]:
+    try:
+        config = schema.CONFIG(schema.parse_json(plaintext))
+    except schema.Invalid as exc:
+        raise CorruptData(CONFIG, f"it is not a valid config ({exc})") from exc
+    if config["version"] > FORMAT_VERSION:
+        raise HozonError(f"repository format {config['version']} is newer than this Hozon reads",
+                         hint="use a newer Hozon")
+    if config["encrypted"] != master.encrypted:
+        raise CorruptData(CONFIG, "it does not agree with the repository's key on whether data is encrypted")
+    return config
 
 
 def _store_key(backend: Backend, master: MasterKey, password: str | None) -> str:

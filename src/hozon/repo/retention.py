@@ -10,8 +10,9 @@ to each group on its own. Within a group, snapshots are taken newest first, and 
 - it is no older than ``within`` before the group's newest snapshot (not before now: a host that
   stopped backing up keeps its last snapshots however long it stays silent).
 
-Buckets use the local time recorded in each snapshot (its own UTC offset), which is the time the
-user saw when it was made. Everything else is removed. The code here is pure: no repository, no I/O.
+Buckets are hours, days, weeks … of the viewer's local time zone (as restic does): snapshots are
+stored in UTC, and "one a day" means the days of whoever runs forget, wherever the backups ran.
+Everything else is removed. The code here is pure: no repository, no I/O.
 """
 
 from __future__ import annotations
@@ -127,7 +128,7 @@ def apply_retention(snapshots: Iterable[Snapshot], policy: Retention) -> list[De
         if remaining["last"] > 0:
             remaining["last"] -= 1
             reasons.append("last snapshot")
-        when = snap.datetime
+        when = snap.datetime.astimezone()  # the viewer's zone (see the module docstring)
         for name, bucket_of in _BUCKETS:
             bucket = bucket_of(when)
             if remaining[name] > 0 and bucket not in seen[name]:

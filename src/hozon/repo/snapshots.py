@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import socket
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
+
+from hozon.repo import schema
 
 FORMAT_VERSION = 1
 
@@ -36,9 +38,9 @@ class Snapshot:
         return doc
 
     @classmethod
-    def from_json(cls, doc: dict[str, Any], snapshot_id: str) -> Snapshot:
-        known = {k: v for k, v in doc.items() if k in cls.__dataclass_fields__}
-        return cls(**known, id=snapshot_id)
+    def decode(cls, data: bytes, snapshot_id: str) -> Snapshot:
+        """From a snapshot file's plaintext; raises ``schema.Invalid`` when it is not a snapshot's shape."""
+        return cls(**schema.snapshot(schema.parse_json(data)), id=snapshot_id)
 
     @property
     def short_id(self) -> str:
@@ -54,7 +56,9 @@ class Snapshot:
 
 
 def now_iso() -> str:
-    return datetime.now().astimezone().isoformat()
+    """Now in UTC, ISO 8601 with ``+00:00``: hosts in different zones write comparable times, and
+    readers show them in their own zone. Older snapshots carry their writer's offset; both parse."""
+    return datetime.now(UTC).isoformat()
 
 
 def this_host() -> str:

@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from hozon.repo import schema
+
 FILE = "file"
 DIR = "dir"
 SYMLINK = "symlink"
@@ -51,6 +53,7 @@ class Node:
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> Node:
+        """From a node that ``schema.NODE`` checked (known fields only, right types)."""
         return cls(**doc)
 
 
@@ -60,4 +63,5 @@ def encode_tree(nodes: list[Node]) -> bytes:
 
 
 def decode_tree(data: bytes) -> list[Node]:
-    return [Node.from_json(doc) for doc in json.loads(data)["nodes"]]
+    """Raises ``schema.Invalid`` (a ValueError) for a tree that does not have a tree's shape."""
+    return [Node.from_json(doc) for doc in schema.TREE(schema.parse_json(data))["nodes"]]

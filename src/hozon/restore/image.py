@@ -18,7 +18,9 @@ and unallocated in a qcow2. A block device may hold old data, so there every zer
 written as zeroes. Every chunk is verified on the way (its id, then its length: ``chunk_size``,
 the last one ``size % chunk_size``). An image is written as ``<name>.partial`` and takes its name
 only once complete and on stable storage, so an image with its final name is whole; a restore
-that fails removes every file it created, and never replaces one that was there.
+that fails removes every file it created. An image already there is refused unless the overwrite
+policy (``always``, ``if-newer``, ``never``) says to replace or keep it; a replaced image is only
+renamed over once its successor is whole.
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ FORMATS = ("qcow2", "raw")
 PREFETCH_BYTES = 32 * 1024 * 1024  # chunks fetched ahead of the writer: 16 at 1 MiB (some MiB each)
 NBD_DEPTH = 4
 MAX_CHUNK_SIZE = 256 * 1024 * 1024
+OVERWRITE = (None, "always", "if-newer", "never")  # None: an image already there is an error
+OVERWRITE_HINT = "hozon vm restore replaces it with --overwrite always (or if-newer: only if older than the snapshot)"
 QEMU_UTILS_HINT = "install the Debian package qemu-utils, or restore raw images: --format raw"
 
 Progress = Callable[[int, int], None]
@@ -73,6 +77,7 @@ class DiskRestore:
     size: int
     bytes_written: int
     zero_bytes: int
+    action: str = "written"  # "written" (a new image or a device), "replaced" (an image that was there), "skipped"
 
 
 @dataclass(frozen=True)
@@ -86,6 +91,7 @@ class _Disk:
     path: str  # the final name (or the device)
     format: str
     device: bool
+    action: str = "written"  # or "replaced", "skipped": an image of that name is there (the overwrite policy)
 
     def chunk_length(self, index: int) -> int:
         return min(self.chunk_size, self.size - index * self.chunk_size)
@@ -158,8 +164,14 @@ def _blob_where(repo: Repository, blob_id: bytes) -> str:
 # -- choosing the targets ------------------------------------------------------------------------
 
 
-def _plan(repo: Repository, snapshot: Snapshot, to: str, disk: str | None, fmt: str | None) -> tuple[list[_Disk], bool]:
+def _plan(repo: Repository, snapshot: Snapshot, to: str, disk: str | None, fmt: str | None,
+          overwrite: str | None) -> tuple[list[_Disk], bool]:
     """The disks to write and where; True when ``to`` is a directory (it then gets the metadata)."""
+    if to in ("", "-"):
+        raise UsageError(f"--to {to!r} is not supported: a VM restore writes image files, a directory or a device")
+    if overwrite not in OVERWRITE:
+        raise UsageError(f"unknown overwrite policy {overwrite!r}; choose always, if-newer or never",
+                         hint="if-changed needs a stored mtime, which a disk image does not have")
     if fmt is not None and fmt not in FORMATS:
         raise UsageError(f"unknown image format {fmt!r}; choose qcow2 or raw")
     entries = _disk_entries(snapshot)
@@ -177,8 +189,6 @@ def _plan(repo: Repository, snapshot: Snapshot, to: str, disk: str | None, fmt: 
     if not into_dir and not device:
         if st is not None and not stat.S_ISREG(st.st_mode):
             raise UsageError(f"{to} is not a directory, a block device or a new file")
-        if st is not None:
-            raise HozonError(f"{to} exists; remove it or choose another --to")
         if os.path.normpath(os.path.abspath(to)).startswith("/dev/"):
             raise UsageError(f"{to} is not a block device")
     if device:
@@ -189,9 +199,19 @@ def _plan(repo: Repository, snapshot: Snapshot, to: str, disk: str | None, fmt: 
         fmt = "qcow2" if into_dir or to.endswith(".qcow2") else "raw"
     disks = []
     for entry in entries:
-        path = os.path.join(to, f"{entry['name']}.{fmt}") if into_dir else to
+        path = os.path.abspath(os.path.join(to, f"{entry['name']}.{fmt}") if into_dir else to)
+        there = None if device else _lstat(path)
+        if there is not None and not stat.S_ISREG(there.st_mode):
+            raise HozonError(f"{path} exists and is not a regular file; not replacing it")
+        if there is not None and overwrite is None:
+            raise HozonError(f"{path} exists; remove it or choose another --to",
+                             hint=OVERWRITE_HINT)
+        action = "written"
+        if there is not None:
+            newer = snapshot.datetime.timestamp() * 1e9 > there.st_mtime_ns
+            action = "replaced" if overwrite == "always" or (overwrite == "if-newer" and newer) else "skipped"
         disks.append(_Disk(entry["name"], entry["size"], entry["chunk_size"], _load_ids(repo, snapshot, entry),
-                           os.path.abspath(path), fmt, device))
+                           path, fmt, device, action))
     return disks, into_dir
 
 
@@ -380,8 +400,12 @@ def _create(path: str) -> int:
         raise HozonError(f"{path} exists; remove it or choose another --to") from None
 
 
-def _publish(partial: str, final: str) -> None:
-    """Give a finished image its name, unless something took that name meanwhile."""
+def _publish(partial: str, final: str, replace: bool = False) -> None:
+    """Give a finished image its name: replacing the image there (``replace``), or unless something
+    took that name meanwhile."""
+    if replace:
+        os.rename(partial, final)
+        return
     try:
         os.link(partial, final)
     except FileExistsError:
@@ -416,23 +440,40 @@ def _write_error(exc: OSError, path: str, disk: str) -> HozonError:
 
 
 def restore_image(repo: Repository, snapshot: Snapshot, to: str, disk: str | None = None, fmt: str | None = None,
-                  progress: Progress | None = None) -> list[DiskRestore]:
-    """Restore the disks of image snapshot ``snapshot`` to ``to``; what was written, disk by disk.
+                  progress: Progress | None = None, overwrite: str | None = None,
+                  dry_run: bool = False) -> list[DiskRestore]:
+    """Restore the disks of image snapshot ``snapshot`` to ``to``; what was done, disk by disk.
 
     ``to`` is a directory (created if missing) receiving ``<name>.<fmt>`` per disk plus the
     snapshot's metadata (``<short id>.json``, ``domain.xml``); or, with ``disk`` named, a new
     file or an existing block device. ``fmt`` is ``qcow2`` or ``raw``; by default qcow2 in a
     directory, raw for a device, and for a file qcow2 only if its name ends in ``.qcow2``.
     ``progress(done, total)`` is called with bytes of disk restored (zero chunks count).
-    Existing files are never replaced; a failed restore removes what it created.
+
+    An image already there is an error unless ``overwrite`` says otherwise: ``always`` replaces
+    it (and metadata files of other content), ``if-newer`` replaces it if it is older than the
+    snapshot, ``never`` leaves it (the disk is reported skipped). A replaced image keeps its old
+    content until the new one is whole. A failed restore removes the files it created (an image
+    it already replaced stays replaced). ``dry_run`` checks and plans, and writes nothing.
     """
-    disks, into_dir = _plan(repo, snapshot, to, disk, fmt)
+    disks, into_dir = _plan(repo, snapshot, to, disk, fmt, overwrite)
+    skipped = [DiskRestore(d.name, d.path, d.format, d.size, 0, 0, "skipped") for d in disks if d.action == "skipped"]
+    disks = [d for d in disks if d.action != "skipped"]
+    metadata = _metadata(snapshot) if into_dir else {}
+    for name, content in list(metadata.items()):
+        path = os.path.join(to, name)
+        if os.path.lexists(path) and (_same_content(path, content) or overwrite in ("never", "if-newer")):
+            del metadata[name]  # there already, or kept by the policy
+        elif os.path.lexists(path) and overwrite is None:
+            raise HozonError(f"{path} exists with other content; remove it or choose another --to",
+                             hint=OVERWRITE_HINT)
+    if dry_run:
+        return [DiskRestore(d.name, d.path, d.format, d.size, 0, 0, d.action) for d in disks] + skipped
     if any(d.format == "qcow2" for d in disks):
         missing = [tool for tool in ("qemu-img", "qemu-nbd") if shutil.which(tool) is None]
         if missing:
             raise HozonError(f"writing qcow2 images needs {' and '.join(missing)}, which "
                              f"{'is' if len(missing) == 1 else 'are'} not installed", hint=QEMU_UTILS_HINT)
-    metadata = _metadata(snapshot) if into_dir else {}
     created: list[str] = []
     made_dir = False
     try:
@@ -444,12 +485,8 @@ def restore_image(repo: Repository, snapshot: Snapshot, to: str, disk: str | Non
                 raise HozonError(f"cannot create the directory {target_dir}: {exc.strerror}") from exc
             made_dir = True
         for d in disks:
-            if not d.device and os.path.lexists(d.path):
+            if d.action == "written" and not d.device and os.path.lexists(d.path):
                 raise HozonError(f"{d.path} exists; remove it or choose another --to")
-        for name, content in metadata.items():
-            path = os.path.join(to, name)
-            if os.path.lexists(path) and not _same_content(path, content):
-                raise HozonError(f"{path} exists with other content; remove it or choose another --to")
 
         results = []
         counter = _Counter(sum(d.size for d in disks), progress)
@@ -458,12 +495,10 @@ def restore_image(repo: Repository, snapshot: Snapshot, to: str, disk: str | Non
             for d in disks:
                 results.append(_restore_disk(repo, pool, d, counter, created))
         for name, content in metadata.items():
-            path = os.path.join(to, name)
-            if not os.path.lexists(path):
-                _write_new_file(path, content, created)
-        if not disks[0].device:
+            _write_file(os.path.join(to, name), content, created)
+        if disks and not disks[0].device:
             _fsync_dir(target_dir)
-        return results
+        return results + skipped
     except BaseException:
         for path in reversed(created):
             with contextlib.suppress(OSError):
@@ -494,8 +529,9 @@ def _restore_disk(repo: Repository, pool: ThreadPoolExecutor, disk: _Disk, count
                 os.close(fd)
             if disk.format == "qcow2":
                 _write_qcow2(disk, partial, chunks)  # qemu-img fills the file claimed above
-            _publish(partial, disk.path)
-            created.append(disk.path)
+            _publish(partial, disk.path, replace=disk.action == "replaced")
+            if disk.action != "replaced":
+                created.append(disk.path)
     except NbdRequestError as exc:
         if exc.code == errno.ENOSPC:  # the NBD protocol's number for ENOSPC is Linux's
             raise _write_error(OSError(errno.ENOSPC, "no space"), disk.path, disk.name) from exc
@@ -505,7 +541,7 @@ def _restore_disk(repo: Repository, pool: ThreadPoolExecutor, disk: _Disk, count
     finally:
         chunks.close()
         source.close()
-    return DiskRestore(disk.name, disk.path, disk.format, disk.size, tally.written, tally.zero)
+    return DiskRestore(disk.name, disk.path, disk.format, disk.size, tally.written, tally.zero, disk.action)
 
 
 def _same_content(path: str, content: bytes) -> bool:
@@ -516,16 +552,23 @@ def _same_content(path: str, content: bytes) -> bool:
         return False
 
 
-def _write_new_file(path: str, content: bytes, created: list[str]) -> None:
+def _write_file(path: str, content: bytes, created: list[str]) -> None:
+    """A small file written whole under ``<path>.partial``, then named (replacing one there)."""
+    partial = path + ".partial"
     try:
-        fd = _create(path)
-        created.append(path)
+        fd = _create(partial)
+        created.append(partial)
         try:
             view = memoryview(content)
             while view:
                 view = view[os.write(fd, view) :]
         finally:
             os.close(fd)
+        existed = os.path.lexists(path)
+        os.rename(partial, path)
+        created.remove(partial)
+        if not existed:
+            created.append(path)
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise HozonError(f"no space left on the disk holding {path}",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
@@ -80,11 +81,26 @@ def test_keep_monthly_and_yearly() -> None:
     assert kept(snaps, Retention(yearly=10)) == [times[5].isoformat(), times[4].isoformat(), times[1].isoformat()]
 
 
-def test_buckets_use_the_local_time_recorded_in_the_snapshot() -> None:
-    jst = timezone(timedelta(hours=9))
-    late = snap(datetime(2024, 1, 1, 23, 30, tzinfo=jst))  # same UTC day (Jan 1) as the next one…
-    early = snap(datetime(2024, 1, 2, 0, 30, tzinfo=jst))  # …but the user saw two different days
-    assert len(kept([late, early], Retention(daily=5))) == 2
+@pytest.fixture(autouse=True)
+def viewer_zone(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str], None]]:
+    """Buckets follow the viewer's zone: UTC here unless a test says otherwise."""
+
+    def set_zone(name: str) -> None:
+        monkeypatch.setenv("TZ", name)
+        time.tzset()
+
+    set_zone("UTC")
+    yield set_zone
+    monkeypatch.undo()
+    time.tzset()
+
+
+def test_buckets_use_the_viewers_local_time(viewer_zone: Callable[[str], None]) -> None:
+    late = snap(datetime(2024, 1, 1, 14, 30, tzinfo=UTC))  # 23:30 in Tokyo, on Jan 1 …
+    early = snap(datetime(2024, 1, 2, 0, 30, tzinfo=timezone(timedelta(hours=9))))  # 00:30 on Jan 2 in Tokyo
+    assert len(kept([late, early], Retention(daily=5))) == 1  # one UTC day
+    viewer_zone("Asia/Tokyo")
+    assert len(kept([late, early], Retention(daily=5))) == 2  # two Tokyo days
 
 
 def test_keep_tag_keeps_tagged_snapshots_anywhere_in_the_history() -> None:

@@ -1,16 +1,23 @@
-"""A repository in a local directory (the default target)."""
+"""A repository in a local directory (the default target).
+
+Durability: a file is fsynced before it is linked into place, and the directory that gained (or
+lost) a name is fsynced after, as is the parent of every directory created on the way; so once
+``put`` or ``delete`` returns, the change survives a power cut (docs/format.md, "Power cuts").
+"""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from hozon.errors import BackendError, HozonError, RepositoryFull
+from hozon.errors import BackendError, HozonError, RepositoryFull, RepositoryReadOnly
 
 TMP_DIR = "tmp"
+_READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 class LocalBackend:
@@ -41,37 +48,39 @@ class LocalBackend:
         except OSError as exc:
             raise self.write_error(final, exc) from exc
         finally:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # on a read-only file system this fails too
+                tmp.unlink(missing_ok=True)
 
     def temp_file(self) -> tuple[int, Path]:
         """A new private file under ``tmp/`` to write a key's content into, then :meth:`link`."""
         tmp = self.root / TMP_DIR / f"{uuid.uuid4().hex}.tmp"
         try:
-            tmp.parent.mkdir(parents=True, exist_ok=True)
+            _make_dirs(tmp.parent)
             return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), tmp
         except OSError as exc:
             raise self.write_error(tmp, exc) from exc
 
     def link(self, tmp: Path, key: str) -> bool:
-        """Give the written, fsynced ``tmp`` the name ``key`` too; False if ``key`` existed (write-once).
-
-        The caller removes ``tmp`` afterwards.
-        """
+        """Give the written, fsynced ``tmp`` the name ``key`` too, durably; False if ``key`` existed
+        (write-once). The caller removes ``tmp`` afterwards."""
         final = self._path(key)
         try:
-            final.parent.mkdir(parents=True, exist_ok=True)
+            _make_dirs(final.parent)
             os.link(tmp, final)
-            return True
         except FileExistsError:
             return False
         except OSError as exc:
             raise self.write_error(final, exc) from exc
+        _sync_dir(final.parent)
+        return True
 
     @staticmethod
     def write_error(path: Path, exc: OSError) -> HozonError:
-        """The error for a failed write of ``path``: a full disk is told apart."""
+        """The error for a failed write of ``path``: a full disk and a read-only one are told apart."""
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             return RepositoryFull(str(path))
+        if exc.errno in _READ_ONLY:
+            return RepositoryReadOnly(f"cannot write {path}: {exc.strerror}")
         return BackendError(f"cannot write {path}: {exc.strerror}")
 
     def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
@@ -107,9 +116,32 @@ class LocalBackend:
                 yield (name if rel == "." else f"{rel}/{name}"), size
 
     def delete(self, key: str) -> None:
+        path = self._path(key)
         try:
-            self._path(key).unlink()
+            path.unlink()
+            _sync_dir(path.parent)  # prune deletes index files before packs: keep that order on disk
         except FileNotFoundError:
             pass
         except OSError as exc:
-            raise BackendError(f"cannot delete {self._path(key)}: {exc.strerror}") from exc
+            if exc.errno in _READ_ONLY:
+                raise RepositoryReadOnly(f"cannot delete {path}: {exc.strerror}") from exc
+            raise BackendError(f"cannot delete {path}: {exc.strerror}") from exc
+
+
+def _make_dirs(path: Path) -> None:
+    """``mkdir -p`` whose new directories survive a power cut: each parent is synced after its mkdir."""
+    if path.is_dir():
+        return
+    _make_dirs(path.parent)
+    with contextlib.suppress(FileExistsError):  # made by a concurrent writer meanwhile
+        path.mkdir()
+    _sync_dir(path.parent)
+
+
+def _sync_dir(path: Path) -> None:
+    """Make the names in a directory durable (a link or rename is in the directory, not the file)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -34,8 +34,8 @@ def group_name(gid: int) -> str:
         return ""
 
 
-def node_from_stat(name: str, path: str, st: os.stat_result) -> Node:
-    """Metadata of one directory entry; raises OSError only for what stops us reading it at all."""
+def node_from_stat(name: str, st: os.stat_result) -> Node:
+    """Metadata of one directory entry from its ``lstat`` (or ``fstat``); no target, xattrs or content."""
     kind = _TYPES.get(stat.S_IFMT(st.st_mode), FILE)
     node = Node(
         name=name, type=kind, mode=stat.S_IMODE(st.st_mode), uid=st.st_uid, gid=st.st_gid,
@@ -43,27 +43,37 @@ def node_from_stat(name: str, path: str, st: os.stat_result) -> Node:
         ctime_ns=st.st_ctime_ns, inode=st.st_ino, device=st.st_dev,
         links=st.st_nlink, size=st.st_size if kind == FILE else 0,
     )
-    if kind == SYMLINK:
-        node.target = os.readlink(path)
-    elif kind in (CHARDEV, BLOCKDEV):
+    if kind in (CHARDEV, BLOCKDEV):
         node.rdev = st.st_rdev
-    node.xattrs = read_xattrs(path)
     return node
 
 
-def read_xattrs(path: str) -> dict[str, str]:
+def entry_path(dir_fd: int, name: str) -> str:
+    """A short path to entry ``name`` of the directory open as ``dir_fd``, for calls that take no dir_fd.
+
+    It resolves through the descriptor (Linux procfs), so it works at any depth, past PATH_MAX too.
+    """
+    return f"/proc/self/fd/{dir_fd}/{name}"
+
+
+def read_xattrs(where: str | int) -> dict[str, str]:
+    """Extended attributes of a path (a symlink itself, not followed) or of an open descriptor.
+
+    Empty where the file system keeps none; OSError when they are there but cannot be read.
+    """
+    follow = isinstance(where, int)  # a descriptor has nothing to follow
     try:
-        names = os.listxattr(path, follow_symlinks=False)
+        names = os.listxattr(where, follow_symlinks=follow)
     except OSError as exc:
-        if exc.errno in (errno.ENOTSUP, errno.EPERM, errno.ENOENT):
+        if exc.errno in (errno.ENOTSUP, errno.EPERM):
             return {}
         raise
     values: dict[str, str] = {}
     for attr in names:
         try:
-            values[attr] = base64.b64encode(os.getxattr(path, attr, follow_symlinks=False)).decode()
+            values[attr] = base64.b64encode(os.getxattr(where, attr, follow_symlinks=follow)).decode()
         except OSError as exc:
-            if exc.errno not in (errno.ENODATA, errno.ENOTSUP):
+            if exc.errno not in (errno.ENODATA, errno.ENOTSUP):  # ENODATA: removed since it was listed
                 raise
     return values
 
