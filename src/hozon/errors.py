@@ -23,8 +23,10 @@ a test keeps that table honest). Anything else that escapes is a bug and is show
     ├── NbdError                    exit 1   an NBD server misbehaved, refused or failed a request
     ├── QmpError                    exit 1   QEMU's monitor (QMP) could not be reached, misbehaved or went away
     │   └── QmpCommandError         exit 1   QEMU ran a QMP command and reported an error
-    └── GuestAgentError             exit 1   the guest agent could not be reached, was silent or misbehaved
-        └── GuestAgentCommandError  exit 1   the guest agent ran a command and reported an error
+    ├── GuestAgentError             exit 1   the guest agent could not be reached, was silent or misbehaved
+    │   └── GuestAgentCommandError  exit 1   the guest agent ran a command and reported an error
+    └── ServerError                 exit 1   the backup server refused a request, could not find what it
+                                             names, or could not be reached
 """
 
 from __future__ import annotations
@@ -177,3 +179,14 @@ class GuestAgentCommandError(GuestAgentError):
         self.command = command
         self.error_class = error_class
         self.desc = desc
+
+
+class ServerError(HozonError):
+    """The backup server refused a request, has no such job or run, or could not be reached.
+
+    ``status`` is the HTTP status the server answered with (the API maps this error to it), 0 when
+    no answer came."""
+
+    def __init__(self, message: str, status: int = 0, hint: str | None = None) -> None:
+        super().__init__(message, hint)
+        self.status = status

@@ -11,17 +11,19 @@ from rich.text import Text
 from hozon import __version__
 from hozon.allocator import tune_for_large_buffers
 from hozon.cli import (
+    agent_cmd,
     backup_cmd,
     check_cmd,
     checkpoint_cmd,
     dump_cmd,
     find_cmd,
     forget_cmd,
-    generate_cmd,
+    job_cmd,
     manual,
     repair_cmd,
     repo_cmd,
     restore_cmd,
+    server_cmd,
     snapshots_cmd,
     stats_cmd,
     tag_cmd,
@@ -57,9 +59,10 @@ app.add_typer(repair_cmd.repair_app, name="repair")
 vm_cmd.vm_app.add_typer(checkpoint_cmd.checkpoint_app, name="checkpoint")
 vm_cmd.vm_app.command("memory")(checkpoint_cmd.vm_memory)
 app.add_typer(vm_cmd.vm_app, name="vm")
-
-
-app.command()(generate_cmd.generate)
+app.add_typer(server_cmd.server_app, name="server")
+app.add_typer(agent_cmd.agent_app, name="agent")
+app.command()(agent_cmd.agents)
+app.add_typer(job_cmd.job_app, name="job")
 
 
 @app.command()

@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 
 from hozon.errors import Interrupted, RepositoryNotFound, RepositoryReadOnly, UsageError
-from hozon.repo.backends import open_backend
+from hozon.repo.backends import Backend, open_backend
 from hozon.repo.locks import SHARED, Lock
 from hozon.repo.repository import Repository
 
@@ -25,7 +25,9 @@ console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isat
 err_console = Console(stderr=True, highlight=False)
 
 RepoOption = typer.Option(
-    None, "--repo", "-r", envvar="HOZON_REPO", help="Repository location (a directory). Env: HOZON_REPO."
+    None, "--repo", "-r", envvar="HOZON_REPO",
+    help="Repository location: a directory, or hozon+https://HOST:PORT/NAMESPACE (an enrolled agent's). "
+         "Env: HOZON_REPO."
 )
 JsonOption = typer.Option(False, "--json", help="Print machine-readable JSON.")
 RetryLockOption = typer.Option(
@@ -46,13 +48,17 @@ def repo_location(repo: str | None) -> str:
     return repo
 
 
-def read_password(confirm: bool = False, prompt: str = "repository password: ", required: bool = True) -> str | None:
-    """From HOZON_PASSWORD, HOZON_PASSWORD_FILE, or a prompt on a terminal (in that order).
+def read_password(confirm: bool = False, prompt: str = "repository password: ", required: bool = True,
+                  backend: Backend | None = None) -> str | None:
+    """From HOZON_PASSWORD, HOZON_PASSWORD_FILE, an enrolled agent's (a server repository), or a prompt
+    on a terminal (in that order).
 
     ``confirm``: a new password (asked twice on a terminal); an empty one is refused however it
     came. Not ``required``: None when neither variable is set, without prompting.
     """
     password = _given_password()
+    if password is None and backend is not None:
+        password = _agent_password(backend)
     if password is None:
         if not required:
             return None
@@ -65,6 +71,13 @@ def read_password(confirm: bool = False, prompt: str = "repository password: ", 
     if confirm and not password:
         raise UsageError("an empty password is not allowed", hint="use --insecure-no-encryption for none")
     return password
+
+
+def _agent_password(backend: Backend) -> str | None:
+    """An agent writing into its server's repository uses the password it got at enrolment."""
+    from hozon.repo.backends.remote import RemoteBackend
+
+    return backend.password if isinstance(backend, RemoteBackend) else None
 
 
 def _given_password() -> str | None:
@@ -86,7 +99,7 @@ def open_repo(repo: str | None, load_index: bool = True) -> Repository:
     backend = open_backend(repo_location(repo))
     if not backend.exists("config"):
         raise RepositoryNotFound(backend.location)
-    password = read_password(required=Repository.needs_password(backend))
+    password = read_password(required=Repository.needs_password(backend), backend=backend)
     repository = Repository.open(backend, password)
     if load_index:
         repository.load_index()

@@ -9,10 +9,14 @@ from hozon.repo.backends.local import LocalBackend
 
 def open_backend(location: str) -> Backend:
     scheme, sep, rest = location.partition(":")
+    if scheme == "hozon+https" and sep:
+        from hozon.repo.backends.remote import RemoteBackend  # httpx is loaded only for server repositories
+
+        return RemoteBackend(location)
     if sep and scheme in {"local", "file"}:
         return LocalBackend(rest)
     if sep and len(scheme) > 1 and "/" not in scheme:
-        raise UsageError(f"unknown repository scheme {scheme!r}; supported: a directory path or local:PATH")
+        raise UsageError(f"unknown repository scheme {scheme!r}; supported: a directory path, local:PATH or hozon+https://HOST:PORT/NAMESPACE")
     return LocalBackend(location)
 
 

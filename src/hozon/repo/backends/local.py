@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from hozon.errors import BackendError, RepositoryFull, RepositoryReadOnly
+from hozon.errors import BackendError, HozonError, RepositoryFull, RepositoryReadOnly
 
 TMP_DIR = "tmp"
 _READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
@@ -34,11 +34,8 @@ class LocalBackend:
 
     def put(self, key: str, data: bytes | memoryview) -> None:
         final = self._path(key)
-        tmp = self.root / TMP_DIR / f"{uuid.uuid4().hex}.tmp"
+        fd, tmp = self.temp_file()
         try:
-            _make_dirs(final.parent)
-            _make_dirs(tmp.parent)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
                 view = memoryview(data)
                 while view:
@@ -47,21 +44,44 @@ class LocalBackend:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            try:
-                os.link(tmp, final)
-            except FileExistsError:  # the key exists already: write-once
-                pass
-            else:
-                _sync_dir(final.parent)
-            os.unlink(tmp)
+            self.link(tmp, key)
         except OSError as exc:
+            raise self.write_error(final, exc) from exc
+        finally:
             with contextlib.suppress(OSError):  # on a read-only file system this fails too
                 tmp.unlink(missing_ok=True)
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise RepositoryFull(str(final)) from exc
-            if exc.errno in _READ_ONLY:
-                raise RepositoryReadOnly(f"cannot write {final}: {exc.strerror}") from exc
-            raise BackendError(f"cannot write {final}: {exc.strerror}") from exc
+
+    def temp_file(self) -> tuple[int, Path]:
+        """A new private file under ``tmp/`` to write a key's content into, then :meth:`link`."""
+        tmp = self.root / TMP_DIR / f"{uuid.uuid4().hex}.tmp"
+        try:
+            _make_dirs(tmp.parent)
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), tmp
+        except OSError as exc:
+            raise self.write_error(tmp, exc) from exc
+
+    def link(self, tmp: Path, key: str) -> bool:
+        """Give the written, fsynced ``tmp`` the name ``key`` too, durably; False if ``key`` existed
+        (write-once). The caller removes ``tmp`` afterwards."""
+        final = self._path(key)
+        try:
+            _make_dirs(final.parent)
+            os.link(tmp, final)
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            raise self.write_error(final, exc) from exc
+        _sync_dir(final.parent)
+        return True
+
+    @staticmethod
+    def write_error(path: Path, exc: OSError) -> HozonError:
+        """The error for a failed write of ``path``: a full disk and a read-only one are told apart."""
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return RepositoryFull(str(path))
+        if exc.errno in _READ_ONLY:
+            return RepositoryReadOnly(f"cannot write {path}: {exc.strerror}")
+        return BackendError(f"cannot write {path}: {exc.strerror}")
 
     def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
         path = self._path(key)
@@ -79,13 +99,21 @@ class LocalBackend:
         return self._path(key).exists()
 
     def list(self, prefix: str) -> Iterator[str]:
+        return (key for key, _size in self.list_sizes(prefix))
+
+    def list_sizes(self, prefix: str) -> Iterator[tuple[str, int]]:
+        """Keys under ``prefix`` with their sizes in bytes (a file removed meanwhile is left out)."""
         base = self._path(prefix.rstrip("/"))
         if not base.is_dir():
             return
         for dirpath, _dirs, files in os.walk(base):
             rel = Path(dirpath).relative_to(self.root).as_posix()
             for name in files:
-                yield f"{rel}/{name}"
+                try:
+                    size = os.stat(os.path.join(dirpath, name)).st_size
+                except FileNotFoundError:
+                    continue
+                yield (name if rel == "." else f"{rel}/{name}"), size
 
     def delete(self, key: str) -> None:
         path = self._path(key)

@@ -1,0 +1,12 @@
+"""Alembic's entry point: runs the migrations on the connection ``hozon.server.catalog.db`` hands it."""
+
+from __future__ import annotations
+
+from alembic import context
+
+from hozon.server.catalog.models import Base
+
+connection = context.config.attributes["connection"]
+context.configure(connection=connection, target_metadata=Base.metadata, render_as_batch=True)
+with context.begin_transaction():
+    context.run_migrations()
