@@ -18,6 +18,7 @@ from hozon.cli import (
     forget_cmd,
     generate_cmd,
     manual,
+    password,
     repair_cmd,
     repo_cmd,
     restore_cmd,
@@ -90,7 +91,9 @@ def main() -> None:
     try:
         # Without standalone mode click returns the code of a ``typer.Exit`` instead of exiting.
         manual.serve_completion_requests()
-        code = manual.finish(typer.main.get_command(app)).main(prog_name="hozon", standalone_mode=False)
+        root = typer.main.get_command(app)
+        password.add_options(root)
+        code = manual.finish(root).main(prog_name="hozon", standalone_mode=False)
         if isinstance(code, int) and code:
             sys.exit(code)
     except HozonError as exc:

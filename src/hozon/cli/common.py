@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import getpass
 import json
-import os
 import re
 import sys
 from collections.abc import Iterator
@@ -15,6 +13,7 @@ from typing import Any
 import typer
 from rich.console import Console
 
+from hozon.cli.password import read_password
 from hozon.errors import Interrupted, RepositoryNotFound, RepositoryReadOnly, UsageError
 from hozon.repo.backends import open_backend
 from hozon.repo.locks import SHARED, Lock
@@ -44,42 +43,6 @@ def repo_location(repo: str | None) -> str:
     if not repo:
         raise UsageError("no repository given", hint="pass --repo DIR or set HOZON_REPO")
     return repo
-
-
-def read_password(confirm: bool = False, prompt: str = "repository password: ", required: bool = True) -> str | None:
-    """From HOZON_PASSWORD, HOZON_PASSWORD_FILE, or a prompt on a terminal (in that order).
-
-    ``confirm``: a new password (asked twice on a terminal); an empty one is refused however it
-    came. Not ``required``: None when neither variable is set, without prompting.
-    """
-    password = _given_password()
-    if password is None:
-        if not required:
-            return None
-        if not sys.stdin.isatty():
-            raise UsageError("no password given",
-                             hint="set HOZON_PASSWORD or HOZON_PASSWORD_FILE, or run on a terminal")
-        password = getpass.getpass(prompt)
-        if confirm and getpass.getpass("enter it again: ") != password:
-            raise UsageError("the two passwords differ")
-    if confirm and not password:
-        raise UsageError("an empty password is not allowed", hint="use --insecure-no-encryption for none")
-    return password
-
-
-def _given_password() -> str | None:
-    if "HOZON_PASSWORD" in os.environ:
-        return os.environ["HOZON_PASSWORD"]
-    if "HOZON_PASSWORD_FILE" not in os.environ:
-        return None
-    path = os.environ["HOZON_PASSWORD_FILE"]
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read().rstrip("\n")
-    except OSError as exc:
-        raise UsageError(f"cannot read the password file {path}: {exc.strerror}") from exc
-    except UnicodeDecodeError as exc:
-        raise UsageError(f"the password file {path} is not UTF-8 text (byte {exc.start})") from exc
 
 
 def open_repo(repo: str | None, load_index: bool = True) -> Repository:
