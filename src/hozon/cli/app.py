@@ -14,6 +14,8 @@ from hozon.cli import (
     backup_cmd,
     check_cmd,
     checkpoint_cmd,
+    config,
+    config_cmd,
     dump_cmd,
     forget_cmd,
     generate_cmd,
@@ -53,6 +55,7 @@ app.command()(forget_cmd.prune)
 app.add_typer(repo_cmd.key_app, name="key")
 app.add_typer(repo_cmd.list_app, name="list")
 app.add_typer(repair_cmd.repair_app, name="repair")
+app.add_typer(config_cmd.config_app, name="config")
 vm_cmd.vm_app.add_typer(checkpoint_cmd.checkpoint_app, name="checkpoint")
 vm_cmd.vm_app.command("memory")(checkpoint_cmd.vm_memory)
 app.add_typer(vm_cmd.vm_app, name="vm")
@@ -93,7 +96,8 @@ def main() -> None:
         manual.serve_completion_requests()
         root = typer.main.get_command(app)
         password.add_options(root)
-        code = manual.finish(root).main(prog_name="hozon", standalone_mode=False)
+        defaults = config.default_map(root, config.load())  # flags and the environment override these
+        code = manual.finish(root).main(prog_name="hozon", standalone_mode=False, default_map=defaults)
         if isinstance(code, int) and code:
             sys.exit(code)
     except HozonError as exc:

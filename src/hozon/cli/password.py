@@ -81,12 +81,11 @@ def read_password(confirm: bool = False, prompt: str = "repository password: ", 
 def password_origin() -> str:
     """Where the password will come from, never the password itself (for ``hozon config show``)."""
     ranked = _ranked()
+    if "HOZON_PASSWORD" in os.environ and not (ranked and ranked[0][2] == 0):
+        return "HOZON_PASSWORD (environment)"
     if ranked:
         kind, value, rank = ranked[0]
-        where = {0: "command line", 2: "environment", 3: "config file"}[rank]
-        return f"password_{kind} = {value} ({where})"
-    if "HOZON_PASSWORD" in os.environ:
-        return "HOZON_PASSWORD (environment)"
+        return f"password_{kind} = {value} ({ {0: 'command line', 2: 'environment'}.get(rank, 'config file')})"
     return "a prompt on the terminal (default)"
 
 
