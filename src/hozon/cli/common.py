@@ -13,6 +13,7 @@ from typing import Any
 import typer
 from rich.console import Console
 
+from hozon import compress, priority
 from hozon.cli.password import read_password
 from hozon.errors import Interrupted, RepositoryNotFound, RepositoryReadOnly, UsageError
 from hozon.repo.backends import open_backend
@@ -34,6 +35,26 @@ RetryLockOption = typer.Option(
 NoLockOption = typer.Option(
     False, "--no-lock", help="Read without taking a lock (automatic when the repository cannot be written).",
 )
+
+CompressionOption = typer.Option(
+    "auto", "--compression", metavar="MODE",
+    help="How new data is compressed: auto (zstd level 3), fast (level 1), max (level 19: slow), off (stored as "
+         "is). Default: auto.",
+)
+WorkersOption = typer.Option(
+    0, "--workers", metavar="N", min=0,
+    help="Threads that hash, compress and encrypt (and read small files); default: one per core, at least 2.",
+)
+NiceOption = typer.Option(
+    None, "--nice", metavar="N",
+    help="Run at CPU priority N (0-19, as nice(1): higher takes less). Default: as started.",
+)
+IoniceOption = typer.Option(
+    None, "--ionice", metavar="CLASS[:LEVEL]",
+    help="Run at I/O priority idle, or best-effort:LEVEL (0 first … 7 last), as ionice(1). Default: as started.",
+)
+QuietOption = typer.Option(False, "--quiet", "-q", help="Print only errors and warnings (and --json's summary).")
+VerboseOption = typer.Option(False, "--verbose", "-v", help="Also name each file as it is processed.")
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -63,6 +84,31 @@ def parse_duration(text: str) -> float:
     if not re.fullmatch(f"(?:{_DURATION_PART.pattern})+", text):
         raise UsageError(f"{text!r} is not a duration", hint="write it like 30s, 5m, 1h or 1h30m")
     return sum(float(n) * _UNIT_SECONDS[unit] for n, unit in _DURATION_PART.findall(text))
+
+
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """Bytes in a size such as ``4096``, ``500K``, ``1.5G`` or ``2TiB`` (binary units, as restic's)."""
+    found = _SIZE.fullmatch(text.strip())
+    if not found:
+        raise UsageError(f"{text!r} is not a size", hint="write it like 4096, 500K, 100M, 1.5G (K = 1024 bytes)")
+    return int(float(found.group(1)) * 1024 ** " kmgt".index(found.group(2).lower() or " "))
+
+
+def compression_level(mode: str) -> int | None:
+    if mode not in compress.LEVELS:
+        raise UsageError(f"--compression takes {', '.join(compress.LEVELS)}, not {mode!r}")
+    return compress.LEVELS[mode]
+
+
+def lower_priority(nice: int | None, ionice: str | None) -> None:
+    """--nice and --ionice, applied to this process before any worker thread starts."""
+    if nice is not None:
+        priority.set_nice(nice)
+    if ionice is not None:
+        priority.set_ionice(ionice)
 
 
 @contextmanager
