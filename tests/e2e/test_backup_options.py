@@ -124,3 +124,20 @@ def test_nice_and_ionice_are_hozons_own(hozon: Hozon, make_tree: MakeTree, tmp_p
     assert seen.read_text().splitlines()[1] == "best-effort: prio 6"
     fails_with_one_sentence(hozon("backup", "--ionice", "fastest", str(src), check=False), 2, "fastest")
     fails_with_one_sentence(hozon("backup", "--nice", "25", str(src), check=False), 2, "0 to 19")
+
+
+def test_vm_backup_takes_compression_workers_and_priorities(hozon: Hozon, tmp_path: Path) -> None:
+    """The images of a shut-off VM (read through qemu-nbd): stored raw with --compression off, small with max."""
+    stored = {}
+    for mode in ("off", "max"):
+        image = tmp_path / f"{mode}.raw"
+        image.write_bytes((f"{mode} disk block ".encode() * 70_000)[:1 << 20])
+        run = hozon("vm", "backup", "--image", str(image), "--name", mode, "--compression", mode, "--workers", "1",
+                    "--nice", "5", "--ionice", "idle", "--json")
+        summary = json.loads(run.stdout)["snapshot"]["summary"]
+        stored[mode] = summary["data_added_stored"]
+        for line in run.stderr.splitlines():  # progress for scripts: JSON lines only
+            assert json.loads(line)["message_type"] == "status"
+        hozon("vm", "restore", f"latest:{mode}", "--to", str(tmp_path / f"restored-{mode}"), "--format", "raw")
+        assert (tmp_path / f"restored-{mode}" / f"{mode}.raw").read_bytes() == image.read_bytes()
+    assert stored["off"] > 1 << 20 > 20 * stored["max"]

@@ -18,19 +18,26 @@ from hozon.backup.image import (
     backup_vm,
 )
 from hozon.cli.common import (
+    CompressionOption,
+    IoniceOption,
     JsonOption,
+    NiceOption,
     RepoOption,
     RetryLockOption,
+    WorkersOption,
+    compression_level,
     console,
     err_console,
     human_bytes,
     interactive,
     local_time,
     locked_repo,
+    lower_priority,
     open_repo,
     print_json,
     saving_snapshot,
 )
+from hozon.cli.status import JsonStatus
 from hozon.errors import HozonError, UsageError
 from hozon.repo.imagemap import image_disks
 from hozon.repo.locks import SHARED
@@ -63,8 +70,12 @@ def vm_backup(
     guest_agent: str = typer.Option(None, "--guest-agent", metavar="SOCKET",
                                     help="With --qmp: the guest agent's unix socket (QEMU -chardev socket,…); implies "
                                          "--freeze. Not for --libvirt, whose agent channel libvirt keeps."),
+    compression: str = CompressionOption,
+    workers: int = WorkersOption,
+    nice: int | None = NiceOption,
+    ionice: str | None = IoniceOption,
     repo: str | None = RepoOption,
-    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON; progress as JSON lines on stderr."),
     retry_lock: str = RetryLockOption,
 ) -> None:
     """Back up every disk of a running VM at one instant; incremental through dirty bitmaps.
@@ -93,9 +104,11 @@ def vm_backup(
                          hint="add --guest-agent SOCKET (QEMU: -chardev socket,id=qga0,path=SOCKET,server=on,wait=off "
                               "-device virtio-serial-pci -device virtserialport,chardev=qga0,"
                               "name=org.qemu.guest_agent.0)")
+    lower_priority(nice, ionice)  # before any thread starts (and qemu-nbd, which inherits them)
     options = ImageBackupOptions(qmp=qmp or "", name=name, mode=mode, vm_config=vm_config, tags=tag,
                                  scratch_dir=scratch, source=LibvirtSource(libvirt, connect) if libvirt else None,
-                                 guest_agent=guest_agent, freeze=freeze or bool(guest_agent))
+                                 guest_agent=guest_agent, freeze=freeze or bool(guest_agent),
+                                 compression=compression_level(compression), workers=workers or None)
     with locked_repo(repo, SHARED, "vm backup", retry_lock=retry_lock) as repository:
         with saving_snapshot("the VM backup"):
             result = run_image_backup(lambda progress: backup_images(repository, image, options, progress) if image
@@ -105,8 +118,12 @@ def vm_backup(
 
 def run_image_backup(run: Callable[[ProgressCallback | None], ImageBackupResult], what: str,
                      json_out: bool) -> ImageBackupResult:
-    """Run an image backup, with a progress bar on a terminal."""
-    if interactive() and not json_out:
+    """Run an image backup, with a progress bar on a terminal, or JSON status lines on stderr."""
+    if json_out:
+        status = JsonStatus("vm backup")
+        return run(lambda done, total: status.status(files_done=0, total_files=0, bytes_done=done,
+                                                     total_bytes=total, current=[]))
+    if interactive():
         with _bar() as bar:
             task = bar.add_task(what, total=None)
             return run(lambda done, total: bar.update(task, completed=done, total=total))
