@@ -58,8 +58,8 @@ def restore(
     with reading_repo(repo, "restore", retry_lock=retry_lock, no_lock=no_lock) as repository:
         snap = repository.resolve_snapshot(snapshot)
         if interactive() and not (json_out or quiet or show_files or dry_run):
-            with Progress(TextColumn("restoring"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
-                          console=err_console, transient=True) as bar:
+            with Progress(TextColumn("restoring"), BarColumn(), DownloadColumn(binary_units=True),  # KiB, as all sizes
+                          TimeRemainingColumn(), console=err_console, transient=True) as bar:
                 task = bar.add_task("restore", total=snap.summary.get("total_bytes") or None)
 
                 def show(c: RestoreCounters) -> None:

@@ -48,8 +48,8 @@ vm_app = typer.Typer(help="Back up and restore whole VMs (image level).", no_arg
 
 
 def _bar() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
-                    console=err_console, transient=True)
+    return Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True),  # KiB
+                    TimeRemainingColumn(), console=err_console, transient=True)
 
 
 @vm_app.command("backup")
