@@ -25,7 +25,7 @@ console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isat
 err_console = Console(stderr=True, highlight=False)
 
 RepoOption = typer.Option(
-    None, "--repo", "-r", envvar="HOZON_REPO", help="Repository location (a directory). Env: HOZON_REPO."
+    None, "--repo", "-r", metavar="DIR", envvar="HOZON_REPO", help="Repository location (a directory)."
 )
 JsonOption = typer.Option(False, "--json", help="Print machine-readable JSON.")
 RetryLockOption = typer.Option(

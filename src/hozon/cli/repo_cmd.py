@@ -150,8 +150,8 @@ def unlock(
 
 
 def cat(
-    kind: str = typer.Argument(..., help="config | snapshot | tree | blob | index | pack | key"),
-    object_id: str = typer.Argument("", help="Id of the object (a snapshot may be 'latest')."),
+    kind: str = typer.Argument(..., metavar="KIND", help="config | snapshot | tree | blob | index | pack | key"),
+    object_id: str = typer.Argument("", metavar="ID", help="Id of the object (a snapshot may be 'latest')."),
     repo: str | None = RepoOption,
 ) -> None:
     """Print a repository object, decrypted (for debugging)."""

@@ -54,15 +54,22 @@ def _bar() -> Progress:
 
 @vm_app.command("backup")
 def vm_backup(
-    qmp: str = typer.Option(None, "--qmp", help="QEMU's QMP unix socket (give QEMU a second -qmp for Hozon)."),
-    image: list[str] = typer.Option([], "--image", help="Disk image of a shut-off VM (repeatable; needs --name)."),
-    libvirt: str = typer.Option(None, "--libvirt", help="A running libvirt domain (name, id or UUID)."),
-    connect: str = typer.Option(None, "--connect", help="libvirt URI for --libvirt (default: virsh's)."),
-    name: str = typer.Option(None, "--name", help="How the VM is called in the repository (default: QEMU's -name)."),
-    mode: BackupMode = typer.Option("auto", "--mode", help="auto: incremental when the chain allows."),
-    vm_config: str = typer.Option(None, "--vm-config", help="File with the VM's QEMU command line, kept with it."),
-    tag: list[str] = typer.Option([], "--tag", help="Tag the snapshot (repeatable)."),
-    scratch: str = typer.Option(None, "--scratch", help="Directory for QEMU's point-in-time scratch images."),
+    qmp: str = typer.Option(None, "--qmp", metavar="SOCKET",
+                            help="QEMU's QMP unix socket (give QEMU a second -qmp for Hozon)."),
+    image: list[str] = typer.Option([], "--image", metavar="FILE",
+                                    help="Disk image of a shut-off VM (repeatable; needs --name)."),
+    libvirt: str = typer.Option(None, "--libvirt", metavar="DOMAIN",
+                                help="A running libvirt domain (name, id or UUID)."),
+    connect: str = typer.Option(None, "--connect", metavar="URI", help="libvirt URI for --libvirt (default: virsh's)."),
+    name: str = typer.Option(None, "--name", metavar="NAME",
+                             help="How the VM is called in the repository (default: QEMU's -name)."),
+    mode: BackupMode = typer.Option("auto", "--mode", metavar="MODE",
+                                  help="auto (incremental when the chain allows), full or incremental. Default: auto."),
+    vm_config: str = typer.Option(None, "--vm-config", metavar="FILE",
+                                  help="File with the VM's QEMU command line, kept with it."),
+    tag: list[str] = typer.Option([], "--tag", metavar="TAG", help="Tag the snapshot (repeatable)."),
+    scratch: str = typer.Option(None, "--scratch", metavar="DIR",
+                                help="Directory for QEMU's point-in-time scratch images."),
     freeze: bool = typer.Option(False, "--freeze",
                                 help="Freeze the guest's file systems for the instant through the guest agent "
                                      "(application-consistent). With --libvirt: through libvirt's agent channel. "
@@ -156,14 +163,16 @@ def render_image_backup(result: ImageBackupResult, json_out: bool) -> None:
 
 @vm_app.command("restore")
 def vm_restore(
-    snapshot: str = typer.Argument(..., help="Snapshot id, prefix, or 'latest:VM'."),
-    to: str = typer.Option(..., "--to", help="Directory (one image per disk) or, with --disk, a file or device."),
-    disk: str = typer.Option(None, "--disk", help="Restore only this disk."),
-    fmt: str = typer.Option(None, "--format", help="qcow2 (default in a directory) or raw."),
-    libvirt_define: str = typer.Option(None, "--libvirt-define",
+    snapshot: str = typer.Argument(..., metavar="SNAPSHOT", help="Snapshot id, prefix, or 'latest:VM'."),
+    to: str = typer.Option(..., "--to", metavar="PATH",
+                           help="Directory (one image per disk) or, with --disk, a file or device."),
+    disk: str = typer.Option(None, "--disk", metavar="DISK", help="Restore only this disk."),
+    fmt: str = typer.Option(None, "--format", metavar="FORMAT", help="qcow2 (default in a directory) or raw."),
+    libvirt_define: str = typer.Option(None, "--libvirt-define", metavar="NAME",
                                        help="Define the restored VM in libvirt under this name (new UUID and MACs)."),
-    connect: str = typer.Option(None, "--connect", help="libvirt URI for --libvirt-define (default: virsh's)."),
-    overwrite: str = typer.Option(None, "--overwrite",
+    connect: str = typer.Option(None, "--connect", metavar="URI",
+                                help="libvirt URI for --libvirt-define (default: virsh's)."),
+    overwrite: str = typer.Option(None, "--overwrite", metavar="WHEN",
                                   help="An image already there (refused by default): always (replace it), if-newer "
                                        "(replace it if older than the snapshot), never (leave it, skip the disk)."),
     dry_run: bool = typer.Option(False, "--dry-run", "-n", help="Write nothing; say what would be done."),
