@@ -13,6 +13,8 @@ import os
 import shlex
 import subprocess
 import sys
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import typer
@@ -22,6 +24,7 @@ from typer._click.globals import get_current_context
 from hozon.errors import UsageError
 
 _META = "hozon.password"  # ctx.meta key: {"file"|"command": (value, ParameterSource)}
+# HOZON_PASSWORD ranks 1: below a flag, above the file and command variables and the config file.
 _RANKS = {click.core.ParameterSource.COMMANDLINE: 0, click.core.ParameterSource.ENVIRONMENT: 2,
           click.core.ParameterSource.DEFAULT_MAP: 3}
 
@@ -80,40 +83,31 @@ def read_password(confirm: bool = False, prompt: str = "repository password: ", 
 
 def password_origin() -> str:
     """Where the password will come from, never the password itself (for ``hozon config show``)."""
-    ranked = _ranked()
-    if "HOZON_PASSWORD" in os.environ and not (ranked and ranked[0][2] == 0):
-        return "HOZON_PASSWORD (environment)"
-    if ranked:
-        kind, value, rank = ranked[0]
-        return f"password_{kind} = {value} ({ {0: 'command line', 2: 'environment'}.get(rank, 'config file')})"
-    return "a prompt on the terminal (default)"
-
-
-def _ranked() -> list[tuple[str, str, int]]:
-    """The file and command sources given, best first: (kind, value, rank)."""
-    ctx = get_current_context(silent=True)
-    given: dict[str, tuple[str, Any]] = ctx.meta.get(_META, {}) if ctx is not None else {}
-    if ctx is None:  # outside a command (a library caller): the environment only
-        given = {kind: (os.environ[var], click.core.ParameterSource.ENVIRONMENT)
-                 for kind, var in (("file", "HOZON_PASSWORD_FILE"), ("command", "HOZON_PASSWORD_COMMAND"))
-                 if os.environ.get(var)}
-    ranked = sorted((_RANKS.get(source, 3), kind, value) for kind, (value, source) in given.items())
-    if len(ranked) == 2 and ranked[0][0] == ranked[1][0]:
-        raise UsageError("a password file and a password command are both given; give one")
-    return [(kind, value, rank) for rank, kind, value in ranked]
+    sources = _sources()
+    return sources[0][1] if sources else "a prompt on the terminal (default)"
 
 
 def _given_password() -> str | None:
-    ranked = _ranked()
-    if ranked and ranked[0][2] == 0:
-        return _fetch(ranked[0][0], ranked[0][1])
+    sources = _sources()
+    return sources[0][2]() if sources else None
+
+
+def _sources() -> list[tuple[int, str, Callable[[], str]]]:
+    """The sources given, best first: (rank, where it is, how to read it). Two of one rank are refused."""
+    ctx = get_current_context(silent=True)
+    given: dict[str, tuple[str, Any]] = ctx.meta.get(_META, {}) if ctx is not None else {}
+    sources: list[tuple[int, str, Callable[[], str]]] = []
+    for kind, (value, source) in given.items():
+        rank = _RANKS.get(source, 3)
+        where = {0: "command line", 2: "environment"}.get(rank, "config file")
+        fetch = partial(read_password_file if kind == "file" else run_password_command, value)
+        sources.append((rank, f"password_{kind} = {value} ({where})", fetch))
     if "HOZON_PASSWORD" in os.environ:
-        return os.environ["HOZON_PASSWORD"]
-    return _fetch(ranked[0][0], ranked[0][1]) if ranked else None
-
-
-def _fetch(kind: str, value: str) -> str:
-    return read_password_file(value) if kind == "file" else run_password_command(value)
+        sources.append((1, "HOZON_PASSWORD (environment)", partial(os.environ.__getitem__, "HOZON_PASSWORD")))
+    sources.sort(key=lambda source: source[0])
+    if len(sources) > 1 and sources[0][0] == sources[1][0]:
+        raise UsageError("a password file and a password command are both given; give one")
+    return sources
 
 
 def read_password_file(path: str) -> str:
