@@ -141,3 +141,22 @@ def test_vm_backup_takes_compression_workers_and_priorities(hozon: Hozon, tmp_pa
         hozon("vm", "restore", f"latest:{mode}", "--to", str(tmp_path / f"restored-{mode}"), "--format", "raw")
         assert (tmp_path / f"restored-{mode}" / f"{mode}.raw").read_bytes() == image.read_bytes()
     assert stored["off"] > 1 << 20 > 20 * stored["max"]
+
+
+def threads_while_backing_up(hozon: Hozon, src: Path, *args: str) -> int:
+    """The most threads a running backup had, seen through /proc (Python names none of them there)."""
+    proc = hozon.popen("backup", *args, str(src))
+    most = 0
+    while proc.poll() is None:
+        most = max(most, len(list(Path(f"/proc/{proc.pid}/task").glob("*"))))
+    assert proc.wait() == 0, proc.stderr.read() if proc.stderr else ""
+    return most
+
+
+def test_workers_bounds_the_threads_that_hash_compress_and_encrypt(hozon: Hozon, make_tree: MakeTree) -> None:
+    src = make_tree({"large": os.urandom(96 << 20)})
+    counts = {}
+    for workers in (1, 4):
+        (src / "large").write_bytes(os.urandom(96 << 20))  # new data: every worker is kept busy
+        counts[workers] = threads_while_backing_up(hozon, src, "--workers", str(workers))
+    assert counts[4] - counts[1] == 3, counts

@@ -148,7 +148,9 @@ class _FileBackup:
         self.paths: set[str] = set()
         self._hardlinks: dict[tuple[int, ...], _Content] = {}  # _link_key() of a multi-link file → its content
         self._read_lock = threading.Lock()  # bytes_read grows on workers too; ``+=`` is not atomic
-        self._readers = threading.BoundedSemaphore(options.read_concurrency or 1 << 16)
+        limit = options.read_concurrency  # small files read at once on the workers
+        self._readers: contextlib.AbstractContextManager[object] = (
+            threading.BoundedSemaphore(limit) if limit else contextlib.nullcontext())
         self._last_progress = 0.0
 
     # -- exclusion ------------------------------------------------------------------------------
