@@ -141,6 +141,8 @@ def test_vm_backup_takes_compression_workers_and_priorities(hozon: Hozon, tmp_pa
         hozon("vm", "restore", f"latest:{mode}", "--to", str(tmp_path / f"restored-{mode}"), "--format", "raw")
         assert (tmp_path / f"restored-{mode}" / f"{mode}.raw").read_bytes() == image.read_bytes()
     assert stored["off"] > 1 << 20 > 20 * stored["max"]
+    quiet = hozon("vm", "backup", "--image", str(tmp_path / "off.raw"), "--name", "off", "-q")
+    assert quiet.stdout == ""
 
 
 def threads_while_backing_up(hozon: Hozon, src: Path, *args: str) -> int:

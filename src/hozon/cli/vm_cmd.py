@@ -22,6 +22,7 @@ from hozon.cli.common import (
     IoniceOption,
     JsonOption,
     NiceOption,
+    QuietOption,
     RepoOption,
     RetryLockOption,
     WorkersOption,
@@ -81,6 +82,7 @@ def vm_backup(
     workers: int = WorkersOption,
     nice: int | None = NiceOption,
     ionice: str | None = IoniceOption,
+    quiet: bool = QuietOption,
     repo: str | None = RepoOption,
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON; progress as JSON lines on stderr."),
     retry_lock: str = RetryLockOption,
@@ -119,31 +121,34 @@ def vm_backup(
     with locked_repo(repo, SHARED, "vm backup", retry_lock=retry_lock) as repository:
         with saving_snapshot("the VM backup"):
             result = run_image_backup(lambda progress: backup_images(repository, image, options, progress) if image
-                                      else backup_vm(repository, options, progress), "reading disks", json_out)
-        render_image_backup(result, json_out)  # before the lock goes: its id is out even if the removal fails
+                                      else backup_vm(repository, options, progress), "reading disks",
+                                      json_out, quiet)
+        render_image_backup(result, json_out, quiet)  # before the lock goes: its id is out even if the removal fails
 
 
 def run_image_backup(run: Callable[[ProgressCallback | None], ImageBackupResult], what: str,
-                     json_out: bool) -> ImageBackupResult:
+                     json_out: bool, quiet: bool = False) -> ImageBackupResult:
     """Run an image backup, with a progress bar on a terminal, or JSON status lines on stderr."""
     if json_out:
         status = JsonStatus("vm backup")
         return run(lambda done, total: status.status(files_done=0, total_files=0, bytes_done=done,
                                                      total_bytes=total, current=[]))
-    if interactive():
+    if interactive() and not quiet:
         with _bar() as bar:
             task = bar.add_task(what, total=None)
             return run(lambda done, total: bar.update(task, completed=done, total=total))
     return run(None)
 
 
-def render_image_backup(result: ImageBackupResult, json_out: bool) -> None:
+def render_image_backup(result: ImageBackupResult, json_out: bool, quiet: bool = False) -> None:
     snap = result.snapshot
     if json_out:
         print_json({"snapshot": snap.listing(), "notes": result.notes})
         return
-    for note in result.notes:
+    for note in result.notes:  # shown under --quiet too: they say why a backup read more, or what is left
         err_console.print(f"note: {note}", markup=False, soft_wrap=True)
+    if quiet:
+        return
     for d in image_disks(snap.extra):
         console.print(f"disk {d['name']}: {d['mode']}, {human_bytes(d['bytes_read'])} read of "
                       f"{human_bytes(d['size'])} ({human_bytes(d['zero_bytes'])} zero, not stored)", markup=False)
