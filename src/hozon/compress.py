@@ -1,7 +1,8 @@
 """zstd compression of blob payloads, with one compressor per thread (they are not thread-safe).
 
 A payload starts with one byte that says how the rest is stored, so incompressible data (random,
-already compressed) is kept raw instead of growing.
+already compressed) is kept raw instead of growing; with compression off every payload is kept raw,
+which every reader already reads.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import zstandard
 RAW = 0
 ZSTD = 1
 DEFAULT_LEVEL = 3
+LEVELS: dict[str, int | None] = {"auto": DEFAULT_LEVEL, "off": None, "fast": 1, "max": 19}  # --compression
 
 _local = threading.local()
 
@@ -33,7 +35,10 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     return dec
 
 
-def compress(data: bytes | memoryview, level: int = DEFAULT_LEVEL) -> bytes:
+def compress(data: bytes | memoryview, level: int | None = DEFAULT_LEVEL) -> bytes:
+    """The payload of ``data``: zstd at ``level``, or raw when that is not smaller or ``level`` is None."""
+    if level is None:
+        return bytes((RAW,)) + bytes(data)
     packed = _compressor(level).compress(data)
     if len(packed) < len(data):
         return bytes((ZSTD,)) + packed

@@ -34,7 +34,7 @@ def test_help_names_values_and_never_shows_python_types() -> None:
     types = re.findall(r"<(?:str|int|bool|float|list|path|Path)[^>]*>", reference)
     assert types == [], f"--help shows Python types: {sorted(set(types))}"
     backup = hozon("backup", "-h")
-    assert "Usage: hozon backup [OPTIONS] PATH..." in backup
+    assert "Usage: hozon backup [OPTIONS] [PATH...]" in backup  # or --files-from FILE
     assert re.search(r"--tag TAG\s", backup)
     assert hozon("--version").strip() == hozon("version").strip()
 
@@ -48,7 +48,7 @@ def test_man_pages_cover_every_command(tmp_path: Path) -> None:
     if shutil.which("man"):  # render it as a reader would (man-db is not on a minimal Debian)
         shown = subprocess.run(["man", "-l", str(tmp_path / "hozon-backup.1")], capture_output=True, text=True,
                                env={**os.environ, "MANWIDTH": "100"}, timeout=60).stdout
-        assert "hozon backup [OPTIONS] PATH..." in shown
+        assert "hozon backup [OPTIONS] [PATH...]" in shown
 
 
 @pytest.mark.parametrize("shell", ["bash", "zsh", "fish"])

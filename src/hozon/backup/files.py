@@ -28,6 +28,7 @@ import numpy as np
 
 from hozon import __version__
 from hozon.chunking import CDC_MIN, ContentChunker
+from hozon.compress import DEFAULT_LEVEL
 from hozon.pathmatch import compiled
 from hozon.repo.locks import confirm_held
 from hozon.repo.pack import DATA, TREE
@@ -41,6 +42,8 @@ from hozon.sources.files.stall import StallWatch
 
 ProgressCallback = Callable[["BackupCounters"], None]
 WarningCallback = Callable[[str], None]  # told of a warning the moment it is found (a stalled read)
+FileCallback = Callable[[str, str], None]  # told of each file kept: ("new"|"changed"|"unmodified", path)
+CACHEDIR_SIGNATURE = b"Signature: 8a477f597d28d172789f06886806bc55"  # bford.info/cachedir
 
 
 @dataclass
@@ -51,6 +54,12 @@ class BackupOptions:
     one_file_system: bool = False
     hostname: str = ""
     stall_after: float = 60.0  # seconds one read may wait before its file is named in a warning
+    exclude_caches: bool = False  # a directory with a valid CACHEDIR.TAG keeps only that file
+    exclude_larger_than: int | None = None  # bytes: larger files are left out (as an exclude leaves them)
+    compression: int | None = DEFAULT_LEVEL  # zstd level (compress.LEVELS); None: stored raw
+    workers: int | None = None  # threads that read small files, hash, compress and seal (default: the cores)
+    read_concurrency: int | None = None  # small files read at once on those threads (default: no fewer than them)
+    dry_run: bool = False  # walk and read, store nothing: the summary says what would be added
 
 
 @dataclass
@@ -62,6 +71,9 @@ class BackupCounters:
     total_files: int = 0
     total_bytes: int = 0
     bytes_read: int = 0
+    files_seen: int = 0  # files met by the walk so far (total_files counts those done)
+    bytes_seen: int = 0
+    expected_bytes: int = 0  # the parent snapshot's size, if there is one: an estimate of the total
     current: str = ""
 
 
@@ -122,12 +134,13 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY
 
 class _FileBackup:
     def __init__(self, repo: Repository, writer: BlobWriter, options: BackupOptions, progress: ProgressCallback | None,
-                 on_warning: WarningCallback | None) -> None:
+                 on_warning: WarningCallback | None, on_file: FileCallback | None = None) -> None:
         self.repo = repo
         self.writer = writer
         self.options = options
         self.progress = progress
         self.on_warning = on_warning
+        self.on_file = on_file
         self.counters = BackupCounters()
         self.warnings: list[str] = []
         self.watch = StallWatch(options.stall_after, self._stalled)  # close() it
@@ -135,6 +148,9 @@ class _FileBackup:
         self.paths: set[str] = set()
         self._hardlinks: dict[tuple[int, ...], _Content] = {}  # _link_key() of a multi-link file → its content
         self._read_lock = threading.Lock()  # bytes_read grows on workers too; ``+=`` is not atomic
+        limit = options.read_concurrency  # small files read at once on the workers
+        self._readers: contextlib.AbstractContextManager[object] = (
+            threading.BoundedSemaphore(limit) if limit else contextlib.nullcontext())
         self._last_progress = 0.0
 
     # -- exclusion ------------------------------------------------------------------------------
@@ -212,7 +228,9 @@ class _FileBackup:
         if stat.S_ISDIR(st.st_mode):
             return self._enter(parent, name, path, st, previous, root_dev)
         if stat.S_ISREG(st.st_mode):
-            self._file(parent, name, path, st, previous)
+            limit = self.options.exclude_larger_than
+            if limit is None or st.st_size <= limit:
+                self._file(parent, name, path, st, previous)
         else:
             try:
                 parent.entries.append((self._node(parent.fd, name, path, st), path, None))
@@ -271,6 +289,8 @@ class _FileBackup:
             os.close(fd)
             self.warn(path, exc)
             return None
+        if self.options.exclude_caches and _is_cache(fd, names):
+            names = ["CACHEDIR.TAG"]
         node = self._node(parent.fd, name, path, st, opened=fd)
         self.counters.dirs += 1
         prev_tree = previous.subtree if previous is not None and previous.type == DIR else None
@@ -288,7 +308,7 @@ class _FileBackup:
                 node.content, node.size, node.extents = ids, content.size, content.extents
                 if content.changed and path == content.path:
                     self.warnings.append(f"{path}: changed while it was read")
-                self._count(node, content.counted_as)  # a new file is new under each of its names
+                self._count(node, content.counted_as, path)  # a new file is new under each of its names
             nodes.append(node)
         return self._store(nodes)
 
@@ -334,6 +354,8 @@ class _FileBackup:
                 content = _Content(path, "files_new" if previous is None else "files_changed", st.st_size)
             if st.st_nlink > 1:
                 self._hardlinks[_link_key(st)] = content
+            self.counters.files_seen += 1
+            self.counters.bytes_seen += content.size
         parent.entries.append((self._node(parent.fd, name, path, st, opened=fd), path, content))
         if fd is not None:
             self._read(fd, content, st)
@@ -387,7 +409,7 @@ class _FileBackup:
     def _store_small_file(self, fd: int, content: _Content, before: os.stat_result) -> bytes | None:
         """Worker task: a file that fits one chunk, read and stored in one go."""
         try:
-            with os.fdopen(fd, "rb", buffering=0) as f, self.watch.reading(content.path):
+            with os.fdopen(fd, "rb", buffering=0) as f, self._readers, self.watch.reading(content.path):
                 data = f.read(before.st_size)  # exactly: a larger read buffer costs more than the read
                 content.changed = _moved(before, os.fstat(f.fileno()))
         except OSError as exc:
@@ -397,10 +419,12 @@ class _FileBackup:
         self._add_read(len(data))
         return self.writer.store_blob(data, DATA) if data else None
 
-    def _count(self, node: Node, counter: str) -> None:
+    def _count(self, node: Node, counter: str, path: str) -> None:
         self.counters.total_files += 1
         self.counters.total_bytes += node.size
         setattr(self.counters, counter, getattr(self.counters, counter) + 1)
+        if self.on_file is not None:
+            self.on_file(counter.removeprefix("files_"), path)
 
     def _submit_all(self, chunks: Iterable[bytes], futures: list[Future[bytes | None]]) -> int:
         total = 0
@@ -438,6 +462,22 @@ def _link_key(st: os.stat_result) -> tuple[int, ...]:
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
+def _is_cache(dir_fd: int, names: list[str]) -> bool:
+    """Whether the directory open as ``dir_fd`` holds a CACHEDIR.TAG that starts with the signature."""
+    if "CACHEDIR.TAG" not in names:
+        return False
+    try:
+        fd = os.open("CACHEDIR.TAG", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dir_fd)
+    except OSError:
+        return False
+    try:
+        return os.read(fd, len(CACHEDIR_SIGNATURE)) == CACHEDIR_SIGNATURE
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
 def _moved(before: os.stat_result, after: os.stat_result) -> bool:
     return (before.st_size, before.st_mtime_ns, before.st_ctime_ns) != (after.st_size, after.st_mtime_ns,
                                                                        after.st_ctime_ns)
@@ -450,20 +490,24 @@ def find_parent(repo: Repository, hostname: str, paths: list[str]) -> Snapshot |
 
 
 def backup_files(repo: Repository, options: BackupOptions, progress: ProgressCallback | None = None,
-                 on_warning: WarningCallback | None = None) -> BackupResult:
+                 on_warning: WarningCallback | None = None, on_file: FileCallback | None = None) -> BackupResult:
     """Run one file backup into an open, locked repository with a loaded index.
 
     Every warning is in the result; ``on_warning`` also hears at once of those found while the backup
-    may still wait long (a read that stalls), so the user knows on which file.
+    may still wait long (a read that stalls), so the user knows on which file. A dry run writes
+    nothing at all: its snapshot is not saved and has no id.
     """
     paths = sorted({os.path.abspath(p) for p in options.paths})
     hostname = options.hostname or this_host()
     parent = find_parent(repo, hostname, paths)
     started = time.monotonic()
-    adopt_orphan_packs(repo)  # chunks a killed backup uploaded are reused, not uploaded again
+    if not options.dry_run:
+        adopt_orphan_packs(repo)  # chunks a killed backup uploaded are reused, not uploaded again
     _raise_open_file_limit()
-    with BlobWriter(repo) as writer:
-        job = _FileBackup(repo, writer, options, progress, on_warning)
+    with BlobWriter(repo, options.workers, options.compression, options.dry_run) as writer:
+        job = _FileBackup(repo, writer, options, progress, on_warning, on_file)
+        expected = parent.summary.get("total_bytes") if parent is not None else None
+        job.counters.expected_bytes = expected if isinstance(expected, int) else 0
         try:
             tree = job.walk(paths, parent.tree if parent else None)
         finally:
@@ -480,6 +524,8 @@ def backup_files(repo: Repository, options: BackupOptions, progress: ProgressCal
             "duration_s": round(time.monotonic() - started, 3),
         },
     )
+    if options.dry_run:
+        return BackupResult(snapshot, job.warnings)
     confirm_held(repo)  # a lock that went stale meanwhile may have let a prune delete our packs
     repo.save_snapshot(snapshot)
     return BackupResult(snapshot, job.warnings)

@@ -29,6 +29,7 @@ import numpy.typing as npt
 
 from hozon import __version__
 from hozon.backup.checkpoint import describe_vm, state_consumer, state_doc
+from hozon.compress import DEFAULT_LEVEL
 from hozon.errors import HozonError, QmpError, UsageError
 from hozon.nbd import NbdClient
 from hozon.nbd.qemu_nbd import QemuNbd
@@ -78,6 +79,8 @@ class ImageBackupOptions:
     freeze: bool = False  # freeze them through guest_agent if given, else through the source's channel (libvirt)
     freeze_timeout: float = FREEZE_TIMEOUT
     checkpoint: bool = False  # also the VM's CPU, memory and device state at the instant (kind "checkpoint")
+    compression: int | None = DEFAULT_LEVEL  # zstd level (compress.LEVELS); None: stored raw
+    workers: int | None = None  # threads that hash, compress and seal (default: one per core)
 
     def __post_init__(self) -> None:
         if self.mode not in get_args(BackupMode):  # the command line's parser checks it; this is for callers
@@ -327,7 +330,7 @@ def backup_vm(repo: Repository, options: ImageBackupOptions,
             if source:
                 source.share_scratch(workdir)
             quiesce = _quiesce(options, source)
-            writer = BlobWriter(repo)
+            writer = BlobWriter(repo, options.workers, options.compression)
             stack.push(writer)  # its exit: flush on success, abort on error
             capture = (StateCapture(qmp, state_consumer(writer, repo.master.chunker_seed, advance), guardian.say,
                                     pipe) if pipe else None)
@@ -407,7 +410,7 @@ def backup_images(repo: Repository, images: list[str], options: ImageBackupOptio
              for d in disks]
     advance = _Progress(sum(d.size for d in disks), progress)
     disk_docs: list[dict[str, Any]] = []
-    with BlobWriter(repo) as writer:
+    with BlobWriter(repo, options.workers, options.compression) as writer:
         for plan in plans:
             disk = plan.disk
             with QemuNbd(disk.filename, disk.format, read_only=True, meta_contexts=("base:allocation",)) as client:

@@ -20,7 +20,8 @@ def agent_enroll(
     token: str = typer.Option(..., "--token", envvar="HOZON_ENROL_TOKEN", metavar="TOKEN",
                               help="The one-time token from hozon server token create. Env: HOZON_ENROL_TOKEN."),
     directory: Path = typer.Option(..., "--dir", metavar="AGENT_DIR", help="Where to keep the agent's credential."),
-    name: str | None = typer.Option(None, "--name", help="The agent's name (default: this host's name)."),
+    name: str | None = typer.Option(None, "--name", metavar="NAME",
+                                    help="The agent's name (default: this host's name)."),
     fingerprint: str | None = typer.Option(None, "--fingerprint", metavar="SHA256",
                                            help="The server's CA fingerprint (default: the one the token carries)."),
     json_out: bool = JsonOption,
@@ -40,7 +41,8 @@ def agent_enroll(
 
 
 @agent_app.command("revoke")
-def agent_revoke(name: str = typer.Argument(..., help="The agent's name."), directory: Path = ServerDirOption) -> None:
+def agent_revoke(name: str = typer.Argument(..., metavar="NAME", help="The agent's name."),
+                 directory: Path = ServerDirOption) -> None:
     """Refuse the agent's credential from now on (its snapshots stay)."""
     from urllib.parse import quote
 

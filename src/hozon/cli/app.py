@@ -15,12 +15,15 @@ from hozon.cli import (
     backup_cmd,
     check_cmd,
     checkpoint_cmd,
+    config,
+    config_cmd,
     dump_cmd,
     find_cmd,
     forget_cmd,
     generate_cmd,
     job_cmd,
     manual,
+    password,
     repair_cmd,
     repo_cmd,
     restore_cmd,
@@ -57,6 +60,7 @@ app.command()(forget_cmd.prune)
 app.add_typer(repo_cmd.key_app, name="key")
 app.add_typer(repo_cmd.list_app, name="list")
 app.add_typer(repair_cmd.repair_app, name="repair")
+app.add_typer(config_cmd.config_app, name="config")
 vm_cmd.vm_app.add_typer(checkpoint_cmd.checkpoint_app, name="checkpoint")
 vm_cmd.vm_app.command("memory")(checkpoint_cmd.vm_memory)
 app.add_typer(vm_cmd.vm_app, name="vm")
@@ -97,7 +101,10 @@ def main() -> None:
     try:
         # Without standalone mode click returns the code of a ``typer.Exit`` instead of exiting.
         manual.serve_completion_requests()
-        code = manual.finish(typer.main.get_command(app)).main(prog_name="hozon", standalone_mode=False)
+        root = typer.main.get_command(app)
+        password.add_options(root)
+        defaults = config.default_map(root, config.load())  # flags and the environment override these
+        code = manual.finish(root).main(prog_name="hozon", standalone_mode=False, default_map=defaults)
         if isinstance(code, int) and code:
             sys.exit(code)
     except HozonError as exc:

@@ -29,17 +29,22 @@ checkpoint_app = typer.Typer(help="Checkpoints: a VM's disks and its CPU, memory
 @checkpoint_app.callback(invoke_without_command=True)
 def vm_checkpoint(
     ctx: typer.Context,
-    qmp: str = typer.Option(None, "--qmp", help="QEMU's QMP unix socket (give QEMU a second -qmp for Hozon)."),
-    libvirt: str = typer.Option(None, "--libvirt", help="A running libvirt domain (name, id or UUID)."),
-    connect: str = typer.Option(None, "--connect", help="libvirt URI for --libvirt (default: virsh's)."),
-    name: str = typer.Option(None, "--name", help="How the VM is called in the repository (default: QEMU's -name)."),
-    mode: BackupMode = typer.Option("auto", "--mode", help="Disks: auto (incremental when the chain allows), full, "
+    qmp: str = typer.Option(None, "--qmp", metavar="SOCKET",
+                            help="QEMU's QMP unix socket (give QEMU a second -qmp for Hozon)."),
+    libvirt: str = typer.Option(None, "--libvirt", metavar="DOMAIN",
+                                help="A running libvirt domain (name, id or UUID)."),
+    connect: str = typer.Option(None, "--connect", metavar="URI", help="libvirt URI for --libvirt (default: virsh's)."),
+    name: str = typer.Option(None, "--name", metavar="NAME",
+                             help="How the VM is called in the repository (default: QEMU's -name)."),
+    mode: BackupMode = typer.Option("auto", "--mode", metavar="MODE",
+                                    help="Disks: auto (incremental when the chain allows), full, "
                                                      "incremental."),
-    vm_config: str = typer.Option(None, "--vm-config",
+    vm_config: str = typer.Option(None, "--vm-config", metavar="FILE",
                                   help="File with the VM's QEMU command line (one shell-quoted line): what "
                                        "restore --start and memory run."),
-    tag: list[str] = typer.Option([], "--tag", help="Tag the checkpoint (repeatable)."),
-    scratch: str = typer.Option(None, "--scratch", help="Directory for QEMU's point-in-time scratch images."),
+    tag: list[str] = typer.Option([], "--tag", metavar="TAG", help="Tag the checkpoint (repeatable)."),
+    scratch: str = typer.Option(None, "--scratch", metavar="DIR",
+                                help="Directory for QEMU's point-in-time scratch images."),
     repo: str | None = RepoOption,
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     retry_lock: str = RetryLockOption,
@@ -67,14 +72,16 @@ def vm_checkpoint(
 
 @checkpoint_app.command("restore")
 def checkpoint_restore(
-    snapshot: str = typer.Argument(..., help="Checkpoint id, prefix, or 'latest:VM'."),
-    to: str = typer.Option(..., "--to", help="Directory for the disks (thin) and the state."),
+    snapshot: str = typer.Argument(..., metavar="SNAPSHOT", help="Checkpoint id, prefix, or 'latest:VM'."),
+    to: str = typer.Option(..., "--to", metavar="DIR", help="Directory for the disks (thin) and the state."),
     start: bool = typer.Option(False, "--start", help="Resume the VM right away (its saved command line, or "
                                                       "virsh restore for a libvirt checkpoint)."),
     paused: bool = typer.Option(False, "--paused", help="With --start: load the state but keep the VM paused."),
-    copy_name: str = typer.Option(None, "--as", help="libvirt checkpoints: resume a copy called NAME beside the "
+    copy_name: str = typer.Option(None, "--as", metavar="NAME",
+                                  help="libvirt checkpoints: resume a copy called NAME beside the "
                                                      "original (new UUID, network links down)."),
-    connect: str = typer.Option(None, "--connect", help="libvirt checkpoints: the libvirt URI to resume in "
+    connect: str = typer.Option(None, "--connect", metavar="URI",
+                                help="libvirt checkpoints: the libvirt URI to resume in "
                                                         "(default: the one the checkpoint was taken from)."),
     repo: str | None = RepoOption,
     retry_lock: str = RetryLockOption,
@@ -113,9 +120,10 @@ def checkpoint_restore(
 
 
 def vm_memory(
-    snapshot: str = typer.Argument(..., help="Checkpoint id, prefix, or 'latest:VM'."),
-    to: str = typer.Option(..., "--to", help="The ELF core file to write."),
-    connect: str = typer.Option(None, "--connect", help="libvirt checkpoints: the libvirt URI that loads the "
+    snapshot: str = typer.Argument(..., metavar="SNAPSHOT", help="Checkpoint id, prefix, or 'latest:VM'."),
+    to: str = typer.Option(..., "--to", metavar="FILE", help="The ELF core file to write."),
+    connect: str = typer.Option(None, "--connect", metavar="URI",
+                                help="libvirt checkpoints: the libvirt URI that loads the "
                                                         "state (default: the one the checkpoint was taken from)."),
     repo: str | None = RepoOption,
     retry_lock: str = RetryLockOption,

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import getpass
 import json
-import os
 import re
 import sys
 from collections.abc import Iterator
@@ -15,8 +13,10 @@ from typing import Any
 import typer
 from rich.console import Console
 
+from hozon import compress, priority
+from hozon.cli.password import read_password
 from hozon.errors import Interrupted, RepositoryNotFound, RepositoryReadOnly, UsageError
-from hozon.repo.backends import Backend, open_backend
+from hozon.repo.backends import open_backend
 from hozon.repo.locks import SHARED, Lock
 from hozon.repo.repository import Repository
 
@@ -25,9 +25,8 @@ console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isat
 err_console = Console(stderr=True, highlight=False)
 
 RepoOption = typer.Option(
-    None, "--repo", "-r", envvar="HOZON_REPO",
-    help="Repository location: a directory, or hozon+https://HOST:PORT/NAMESPACE (an enrolled agent's). "
-         "Env: HOZON_REPO."
+    None, "--repo", "-r", metavar="REPO", envvar="HOZON_REPO",
+    help="Repository location: a directory, or hozon+https://HOST:PORT/NAMESPACE (an enrolled agent's).",
 )
 JsonOption = typer.Option(False, "--json", help="Print machine-readable JSON.")
 RetryLockOption = typer.Option(
@@ -38,6 +37,26 @@ NoLockOption = typer.Option(
     False, "--no-lock", help="Read without taking a lock (automatic when the repository cannot be written).",
 )
 
+CompressionOption = typer.Option(
+    "auto", "--compression", metavar="MODE",
+    help="How new data is compressed: auto (zstd level 3), fast (level 1), max (level 19: slow), off (stored as "
+         "is). Default: auto.",
+)
+WorkersOption = typer.Option(
+    0, "--workers", metavar="N", min=0,
+    help="Threads that hash, compress and encrypt (and read small files); default: one per core, at least 2.",
+)
+NiceOption = typer.Option(
+    None, "--nice", metavar="N",
+    help="Run at CPU priority N (0-19, as nice(1): higher takes less). Default: as started.",
+)
+IoniceOption = typer.Option(
+    None, "--ionice", metavar="CLASS[:LEVEL]",
+    help="Run at I/O priority idle, or best-effort:LEVEL (0 first … 7 last), as ionice(1). Default: as started.",
+)
+QuietOption = typer.Option(False, "--quiet", "-q", help="Print only errors and warnings (and --json's summary).")
+VerboseOption = typer.Option(False, "--verbose", "-v", help="Also name each file as it is processed.")
+
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -46,53 +65,6 @@ def repo_location(repo: str | None) -> str:
     if not repo:
         raise UsageError("no repository given", hint="pass --repo DIR or set HOZON_REPO")
     return repo
-
-
-def read_password(confirm: bool = False, prompt: str = "repository password: ", required: bool = True,
-                  backend: Backend | None = None) -> str | None:
-    """From HOZON_PASSWORD, HOZON_PASSWORD_FILE, an enrolled agent's (a server repository), or a prompt
-    on a terminal (in that order).
-
-    ``confirm``: a new password (asked twice on a terminal); an empty one is refused however it
-    came. Not ``required``: None when neither variable is set, without prompting.
-    """
-    password = _given_password()
-    if password is None and backend is not None:
-        password = _agent_password(backend)
-    if password is None:
-        if not required:
-            return None
-        if not sys.stdin.isatty():
-            raise UsageError("no password given",
-                             hint="set HOZON_PASSWORD or HOZON_PASSWORD_FILE, or run on a terminal")
-        password = getpass.getpass(prompt)
-        if confirm and getpass.getpass("enter it again: ") != password:
-            raise UsageError("the two passwords differ")
-    if confirm and not password:
-        raise UsageError("an empty password is not allowed", hint="use --insecure-no-encryption for none")
-    return password
-
-
-def _agent_password(backend: Backend) -> str | None:
-    """An agent writing into its server's repository uses the password it got at enrolment."""
-    from hozon.repo.backends.remote import RemoteBackend
-
-    return backend.password if isinstance(backend, RemoteBackend) else None
-
-
-def _given_password() -> str | None:
-    if "HOZON_PASSWORD" in os.environ:
-        return os.environ["HOZON_PASSWORD"]
-    if "HOZON_PASSWORD_FILE" not in os.environ:
-        return None
-    path = os.environ["HOZON_PASSWORD_FILE"]
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read().rstrip("\n")
-    except OSError as exc:
-        raise UsageError(f"cannot read the password file {path}: {exc.strerror}") from exc
-    except UnicodeDecodeError as exc:
-        raise UsageError(f"the password file {path} is not UTF-8 text (byte {exc.start})") from exc
 
 
 def open_repo(repo: str | None, load_index: bool = True) -> Repository:
@@ -113,6 +85,31 @@ def parse_duration(text: str) -> float:
     if not re.fullmatch(f"(?:{_DURATION_PART.pattern})+", text):
         raise UsageError(f"{text!r} is not a duration", hint="write it like 30s, 5m, 1h or 1h30m")
     return sum(float(n) * _UNIT_SECONDS[unit] for n, unit in _DURATION_PART.findall(text))
+
+
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """Bytes in a size such as ``4096``, ``500K``, ``1.5G`` or ``2TiB`` (binary units, as restic's)."""
+    found = _SIZE.fullmatch(text.strip())
+    if not found:
+        raise UsageError(f"{text!r} is not a size", hint="write it like 4096, 500K, 100M, 1.5G (K = 1024 bytes)")
+    return int(float(found.group(1)) * 1024 ** " kmgt".index(found.group(2).lower() or " "))
+
+
+def compression_level(mode: str) -> int | None:
+    if mode not in compress.LEVELS:
+        raise UsageError(f"--compression takes {', '.join(compress.LEVELS)}, not {mode!r}")
+    return compress.LEVELS[mode]
+
+
+def lower_priority(nice: int | None, ionice: str | None) -> None:
+    """--nice and --ionice, applied to this process before any worker thread starts."""
+    if nice is not None:
+        priority.set_nice(nice)
+    if ionice is not None:
+        priority.set_ionice(ionice)
 
 
 @contextmanager

@@ -30,15 +30,16 @@ from hozon.repo.retention import Decision, Duration, Group, Retention, parse_gro
 from hozon.repo.snapshots import Snapshot
 
 RepackOption = typer.Option(
-    DEFAULT_REPACK_THRESHOLD, "--repack-threshold", min=0.0, max=1.0,
-    help="Repack a pack when less than this fraction of its bytes is still used.",
+    DEFAULT_REPACK_THRESHOLD, "--repack-threshold", metavar="FRACTION", min=0.0, max=1.0,
+    help=f"Repack a pack when less than this fraction of its bytes is still used. Default: {DEFAULT_REPACK_THRESHOLD}.",
 )
 DryRunOption = typer.Option(False, "--dry-run", "-n", help="Show what would happen; change nothing.")
 
 
 def forget(
     snapshot_ids: list[str] | None = typer.Argument(
-        None, help="Forget exactly these snapshots (id, unique prefix or 'latest') instead of a policy."
+        None, metavar="SNAPSHOT",
+        help="Forget exactly these snapshots (id, unique prefix or 'latest') instead of a policy.",
     ),
     repo: str | None = RepoOption,
     keep_last: int = typer.Option(0, "--keep-last", metavar="N", help="Keep the N newest snapshots."),
@@ -53,10 +54,12 @@ def forget(
         help="Keep every snapshot made within DURATION (1y6m, 14d, 2d12h) before the group's newest one.",
     ),
     group_by: str = typer.Option(
-        "host,paths", "--group-by", help="Apply the policy per group of host, paths, tags ('' for one group)."
+        "host,paths", "--group-by", metavar="FIELDS",
+        help="Apply the policy per group of host, paths, tags ('' for one group). Default: host,paths."
     ),
-    host: str = typer.Option("", "--host", help="Only consider snapshots of this host."),
-    tag: list[str] = typer.Option([], "--tag", help="Only consider snapshots with this tag (repeatable: any)."),
+    host: str = typer.Option("", "--host", metavar="HOST", help="Only consider snapshots of this host."),
+    tag: list[str] = typer.Option([], "--tag", metavar="TAG",
+                                  help="Only consider snapshots with this tag (repeatable: any)."),
     path: list[str] = typer.Option([], "--path", metavar="PATH",
                                    help="Only consider snapshots of this path or VM (repeatable: all of them)."),
     dry_run: bool = DryRunOption,

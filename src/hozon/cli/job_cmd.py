@@ -51,7 +51,7 @@ def job_add(
     paths: list[str] = typer.Option([], "--paths", metavar="PATH",
                                     help="Back up these files and directories on the agent's host (repeatable)."),
     exclude: list[str] = typer.Option([], "--exclude", metavar="PATTERN",
-                                      help="Leave out what matches (repeatable; with --paths)."),
+                                      help="Leave out what matches (repeatable; with --paths; docs/patterns.md)."),
     vm: str = typer.Option(None, "--vm", metavar="VM", help="Back up the disks of this VM (with --qmp or --libvirt)."),
     checkpoint: str = typer.Option(None, "--checkpoint", metavar="VM",
                                    help="Take a checkpoint (disks and memory) of this VM (with --qmp or --libvirt)."),

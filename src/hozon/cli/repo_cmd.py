@@ -14,8 +14,8 @@ from hozon.cli.common import (
     open_repo,
     parse_duration,
     print_json,
-    read_password,
 )
+from hozon.cli.password import read_password, read_password_file
 from hozon.errors import RepositoryFull, UsageError
 from hozon.repo import schema
 from hozon.repo.backends import open_backend
@@ -50,31 +50,46 @@ def init(
 
 
 @key_app.command("passwd")
-def key_passwd(repo: str | None = RepoOption, retry_lock: str = RetryLockOption) -> None:
-    """Change the password (rewrites one key file; no data is touched)."""
-    import os
+def key_passwd(
+    repo: str | None = RepoOption,
+    retry_lock: str = RetryLockOption,
+    new_password_file: str = typer.Option("", "--new-password-file", metavar="FILE",
+                                          help="Read the new password from FILE (else HOZON_NEW_PASSWORD, else "
+                                               "a prompt on the terminal)."),
+) -> None:
+    """Change the password (rewrites one key file; no data is touched).
 
+    The new password comes from --new-password-file, the environment variable HOZON_NEW_PASSWORD,
+    or a prompt (asked twice); an empty one is refused.
+    """
     repository = open_repo(repo, load_index=False)
     if not repository.master.encrypted:
         raise UsageError("this repository is not encrypted; it has no password to change")
-    new = os.environ.get("HOZON_NEW_PASSWORD")
-    if new is None:
-        new = read_password_new()  # before the lock: a backup may start while we wait at the prompt
+    new = _new_password(new_password_file)  # before the lock: a backup may start while we wait at the prompt
     with Lock(repository, EXCLUSIVE, "key passwd", parse_duration(retry_lock)):
         repository.change_password(new)
     console.print("password changed")
 
 
-def read_password_new() -> str:
+def _new_password(path: str) -> str:
     import getpass
+    import os
     import sys
 
-    if not sys.stdin.isatty():
-        raise UsageError("no new password given", hint="set HOZON_NEW_PASSWORD or run on a terminal")
-    first = getpass.getpass("new password: ")
-    if not first or getpass.getpass("enter it again: ") != first:
-        raise UsageError("the new passwords are empty or differ")
-    return first
+    if path:
+        new = read_password_file(path)
+    elif "HOZON_NEW_PASSWORD" in os.environ:
+        new = os.environ["HOZON_NEW_PASSWORD"]
+    elif not sys.stdin.isatty():
+        raise UsageError("no new password given",
+                         hint="give --new-password-file FILE, set HOZON_NEW_PASSWORD or run on a terminal")
+    else:
+        new = getpass.getpass("new password: ")
+        if getpass.getpass("enter it again: ") != new:
+            raise UsageError("the new passwords differ")
+    if not new:
+        raise UsageError("an empty password is not allowed")
+    return new
 
 
 @list_app.command("locks")
@@ -135,8 +150,8 @@ def unlock(
 
 
 def cat(
-    kind: str = typer.Argument(..., help="config | snapshot | tree | blob | index | pack | key"),
-    object_id: str = typer.Argument("", help="Id of the object (a snapshot may be 'latest')."),
+    kind: str = typer.Argument(..., metavar="KIND", help="config | snapshot | tree | blob | index | pack | key"),
+    object_id: str = typer.Argument("", metavar="ID", help="Id of the object (a snapshot may be 'latest')."),
     repo: str | None = RepoOption,
 ) -> None:
     """Print a repository object, decrypted (for debugging)."""

@@ -33,9 +33,9 @@ def snapshots(
     ctx: typer.Context,
     repo: str | None = RepoOption,
     json_out: bool = JsonOption,
-    host: str = typer.Option("", "--host", help="Only snapshots of this host."),
-    tag: list[str] = typer.Option([], "--tag", help="Only snapshots with this tag (repeatable: any)."),
-    path: list[str] = typer.Option([], "--path", help="Only snapshots of this path (repeatable)."),
+    host: str = typer.Option("", "--host", metavar="HOST", help="Only snapshots of this host."),
+    tag: list[str] = typer.Option([], "--tag", metavar="TAG", help="Only snapshots with this tag (repeatable: any)."),
+    path: list[str] = typer.Option([], "--path", metavar="PATH", help="Only snapshots of this path (repeatable)."),
     retry_lock: str = RetryLockOption,
     no_lock: bool = NoLockOption,
 ) -> None:
@@ -74,8 +74,8 @@ def _print_table(snaps: list[Snapshot]) -> None:
 
 def ls(
     ctx: typer.Context,
-    snapshot: str = typer.Argument(..., help="Snapshot id, prefix, or 'latest'."),
-    path: str = typer.Argument("/", help="List below this path only."),
+    snapshot: str = typer.Argument(..., metavar="SNAPSHOT", help="Snapshot id, prefix, or 'latest'."),
+    path: str = typer.Argument("/", metavar="PATH", help="List below this path only."),
     repo: str | None = RepoOption,
     json_out: bool = JsonOption,
     long: bool = typer.Option(False, "--long", "-l", help="Show mode, owner, size and time."),
@@ -119,8 +119,8 @@ def ls(
 
 def diff(
     ctx: typer.Context,
-    first: str = typer.Argument(..., help="Older snapshot."),
-    second: str = typer.Argument(..., help="Newer snapshot."),
+    first: str = typer.Argument(..., metavar="SNAPSHOT", help="Older snapshot."),
+    second: str = typer.Argument(..., metavar="SNAPSHOT", help="Newer snapshot."),
     repo: str | None = RepoOption,
     json_out: bool = JsonOption,
     retry_lock: str = RetryLockOption,

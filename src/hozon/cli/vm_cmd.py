@@ -18,19 +18,27 @@ from hozon.backup.image import (
     backup_vm,
 )
 from hozon.cli.common import (
+    CompressionOption,
+    IoniceOption,
     JsonOption,
+    NiceOption,
+    QuietOption,
     RepoOption,
     RetryLockOption,
+    WorkersOption,
+    compression_level,
     console,
     err_console,
     human_bytes,
     interactive,
     local_time,
     locked_repo,
+    lower_priority,
     open_repo,
     print_json,
     saving_snapshot,
 )
+from hozon.cli.status import JsonStatus
 from hozon.errors import HozonError, UsageError
 from hozon.repo.imagemap import image_disks
 from hozon.repo.locks import SHARED
@@ -41,21 +49,28 @@ vm_app = typer.Typer(help="Back up and restore whole VMs (image level).", no_arg
 
 
 def _bar() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
-                    console=err_console, transient=True)
+    return Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True),  # KiB
+                    TimeRemainingColumn(), console=err_console, transient=True)
 
 
 @vm_app.command("backup")
 def vm_backup(
-    qmp: str = typer.Option(None, "--qmp", help="QEMU's QMP unix socket (give QEMU a second -qmp for Hozon)."),
-    image: list[str] = typer.Option([], "--image", help="Disk image of a shut-off VM (repeatable; needs --name)."),
-    libvirt: str = typer.Option(None, "--libvirt", help="A running libvirt domain (name, id or UUID)."),
-    connect: str = typer.Option(None, "--connect", help="libvirt URI for --libvirt (default: virsh's)."),
-    name: str = typer.Option(None, "--name", help="How the VM is called in the repository (default: QEMU's -name)."),
-    mode: BackupMode = typer.Option("auto", "--mode", help="auto: incremental when the chain allows."),
-    vm_config: str = typer.Option(None, "--vm-config", help="File with the VM's QEMU command line, kept with it."),
-    tag: list[str] = typer.Option([], "--tag", help="Tag the snapshot (repeatable)."),
-    scratch: str = typer.Option(None, "--scratch", help="Directory for QEMU's point-in-time scratch images."),
+    qmp: str = typer.Option(None, "--qmp", metavar="SOCKET",
+                            help="QEMU's QMP unix socket (give QEMU a second -qmp for Hozon)."),
+    image: list[str] = typer.Option([], "--image", metavar="FILE",
+                                    help="Disk image of a shut-off VM (repeatable; needs --name)."),
+    libvirt: str = typer.Option(None, "--libvirt", metavar="DOMAIN",
+                                help="A running libvirt domain (name, id or UUID)."),
+    connect: str = typer.Option(None, "--connect", metavar="URI", help="libvirt URI for --libvirt (default: virsh's)."),
+    name: str = typer.Option(None, "--name", metavar="NAME",
+                             help="How the VM is called in the repository (default: QEMU's -name)."),
+    mode: BackupMode = typer.Option("auto", "--mode", metavar="MODE",
+                                  help="auto (incremental when the chain allows), full or incremental. Default: auto."),
+    vm_config: str = typer.Option(None, "--vm-config", metavar="FILE",
+                                  help="File with the VM's QEMU command line, kept with it."),
+    tag: list[str] = typer.Option([], "--tag", metavar="TAG", help="Tag the snapshot (repeatable)."),
+    scratch: str = typer.Option(None, "--scratch", metavar="DIR",
+                                help="Directory for QEMU's point-in-time scratch images."),
     freeze: bool = typer.Option(False, "--freeze",
                                 help="Freeze the guest's file systems for the instant through the guest agent "
                                      "(application-consistent). With --libvirt: through libvirt's agent channel. "
@@ -63,8 +78,13 @@ def vm_backup(
     guest_agent: str = typer.Option(None, "--guest-agent", metavar="SOCKET",
                                     help="With --qmp: the guest agent's unix socket (QEMU -chardev socket,…); implies "
                                          "--freeze. Not for --libvirt, whose agent channel libvirt keeps."),
+    compression: str = CompressionOption,
+    workers: int = WorkersOption,
+    nice: int | None = NiceOption,
+    ionice: str | None = IoniceOption,
+    quiet: bool = QuietOption,
     repo: str | None = RepoOption,
-    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON; progress as JSON lines on stderr."),
     retry_lock: str = RetryLockOption,
 ) -> None:
     """Back up every disk of a running VM at one instant; incremental through dirty bitmaps.
@@ -93,33 +113,42 @@ def vm_backup(
                          hint="add --guest-agent SOCKET (QEMU: -chardev socket,id=qga0,path=SOCKET,server=on,wait=off "
                               "-device virtio-serial-pci -device virtserialport,chardev=qga0,"
                               "name=org.qemu.guest_agent.0)")
+    lower_priority(nice, ionice)  # before any thread starts (and qemu-nbd, which inherits them)
     options = ImageBackupOptions(qmp=qmp or "", name=name, mode=mode, vm_config=vm_config, tags=tag,
                                  scratch_dir=scratch, source=LibvirtSource(libvirt, connect) if libvirt else None,
-                                 guest_agent=guest_agent, freeze=freeze or bool(guest_agent))
+                                 guest_agent=guest_agent, freeze=freeze or bool(guest_agent),
+                                 compression=compression_level(compression), workers=workers or None)
     with locked_repo(repo, SHARED, "vm backup", retry_lock=retry_lock) as repository:
         with saving_snapshot("the VM backup"):
             result = run_image_backup(lambda progress: backup_images(repository, image, options, progress) if image
-                                      else backup_vm(repository, options, progress), "reading disks", json_out)
-        render_image_backup(result, json_out)  # before the lock goes: its id is out even if the removal fails
+                                      else backup_vm(repository, options, progress), "reading disks",
+                                      json_out, quiet)
+        render_image_backup(result, json_out, quiet)  # before the lock goes: its id is out even if the removal fails
 
 
 def run_image_backup(run: Callable[[ProgressCallback | None], ImageBackupResult], what: str,
-                     json_out: bool) -> ImageBackupResult:
-    """Run an image backup, with a progress bar on a terminal."""
-    if interactive() and not json_out:
+                     json_out: bool, quiet: bool = False) -> ImageBackupResult:
+    """Run an image backup, with a progress bar on a terminal, or JSON status lines on stderr."""
+    if json_out:
+        status = JsonStatus("vm backup")
+        return run(lambda done, total: status.status(files_done=0, total_files=0, bytes_done=done,
+                                                     total_bytes=total, current=[]))
+    if interactive() and not quiet:
         with _bar() as bar:
             task = bar.add_task(what, total=None)
             return run(lambda done, total: bar.update(task, completed=done, total=total))
     return run(None)
 
 
-def render_image_backup(result: ImageBackupResult, json_out: bool) -> None:
+def render_image_backup(result: ImageBackupResult, json_out: bool, quiet: bool = False) -> None:
     snap = result.snapshot
     if json_out:
         print_json({"snapshot": snap.listing(), "notes": result.notes})
         return
-    for note in result.notes:
+    for note in result.notes:  # shown under --quiet too: they say why a backup read more, or what is left
         err_console.print(f"note: {note}", markup=False, soft_wrap=True)
+    if quiet:
+        return
     for d in image_disks(snap.extra):
         console.print(f"disk {d['name']}: {d['mode']}, {human_bytes(d['bytes_read'])} read of "
                       f"{human_bytes(d['size'])} ({human_bytes(d['zero_bytes'])} zero, not stored)", markup=False)
@@ -139,14 +168,16 @@ def render_image_backup(result: ImageBackupResult, json_out: bool) -> None:
 
 @vm_app.command("restore")
 def vm_restore(
-    snapshot: str = typer.Argument(..., help="Snapshot id, prefix, or 'latest:VM'."),
-    to: str = typer.Option(..., "--to", help="Directory (one image per disk) or, with --disk, a file or device."),
-    disk: str = typer.Option(None, "--disk", help="Restore only this disk."),
-    fmt: str = typer.Option(None, "--format", help="qcow2 (default in a directory) or raw."),
-    libvirt_define: str = typer.Option(None, "--libvirt-define",
+    snapshot: str = typer.Argument(..., metavar="SNAPSHOT", help="Snapshot id, prefix, or 'latest:VM'."),
+    to: str = typer.Option(..., "--to", metavar="PATH",
+                           help="Directory (one image per disk) or, with --disk, a file or device."),
+    disk: str = typer.Option(None, "--disk", metavar="DISK", help="Restore only this disk."),
+    fmt: str = typer.Option(None, "--format", metavar="FORMAT", help="qcow2 (default in a directory) or raw."),
+    libvirt_define: str = typer.Option(None, "--libvirt-define", metavar="NAME",
                                        help="Define the restored VM in libvirt under this name (new UUID and MACs)."),
-    connect: str = typer.Option(None, "--connect", help="libvirt URI for --libvirt-define (default: virsh's)."),
-    overwrite: str = typer.Option(None, "--overwrite",
+    connect: str = typer.Option(None, "--connect", metavar="URI",
+                                help="libvirt URI for --libvirt-define (default: virsh's)."),
+    overwrite: str = typer.Option(None, "--overwrite", metavar="WHEN",
                                   help="An image already there (refused by default): always (replace it), if-newer "
                                        "(replace it if older than the snapshot), never (leave it, skip the disk)."),
     dry_run: bool = typer.Option(False, "--dry-run", "-n", help="Write nothing; say what would be done."),

@@ -48,12 +48,18 @@ class WriteStats:
 
 
 class BlobWriter:
-    """Use as a context manager; ``close()`` flushes the last pack and index before returning."""
+    """Use as a context manager; ``close()`` flushes the last pack and index before returning.
 
-    def __init__(self, repo: Repository, workers: int | None = None, compression_level: int = 3) -> None:
+    ``dry_run``: blobs are hashed, deduplicated, compressed and sealed (so the stats say what would
+    be added) but nothing is written. ``compression_level`` None: payloads kept raw.
+    """
+
+    def __init__(self, repo: Repository, workers: int | None = None,
+                 compression_level: int | None = compress.DEFAULT_LEVEL, dry_run: bool = False) -> None:
         self.repo = repo
         self.stats = WriteStats()
         self._level = compression_level
+        self._dry_run = dry_run
         self._workers = workers or max(2, os.cpu_count() or 2)
         self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="hozon-blob")
         self._slots = threading.BoundedSemaphore(self._workers * 3)
@@ -127,10 +133,12 @@ class BlobWriter:
         sealed = self.repo.cipher.seal(compress.compress(data, self._level), blob_aad(blob_type, blob_id))
         full: PackBuilder | None = None
         with self._lock:
-            self._builder.add(blob_type, blob_id, sealed, len(data))
             self.stats.blobs_new += 1
             self.stats.bytes_new += len(data)
             self.stats.bytes_stored += len(sealed)
+            if self._dry_run:  # counted, and deduplicated from now on (still in flight), but never written
+                return blob_id
+            self._builder.add(blob_type, blob_id, sealed, len(data))
             if self._builder.full():
                 full, self._builder = self._builder, PackBuilder(self.repo.cipher)
         if full is not None:

@@ -79,6 +79,7 @@ class RestoreOptions:
 @dataclass
 class RestoreCounters:
     files: int = 0  # regular files written (or, in a dry run, to be written)
+    total_files: int = 0  # regular files to write, once the directories are made
     dirs: int = 0
     bytes_written: int = 0
     total_bytes: int = 0
@@ -122,10 +123,11 @@ def _path(parts: list[str]) -> str:
 
 class _Restore:
     def __init__(self, repo: Repository, options: RestoreOptions,
-                 progress: Callable[[RestoreCounters], None] | None) -> None:
+                 progress: Callable[[RestoreCounters], None] | None, on_file: Callable[[str], None] | None) -> None:
         self.repo = repo
         self.options = options
         self.progress = progress
+        self.on_file = on_file  # told of each file once it is whole in the target (from the workers)
         self.includes = PatternList(options.includes)
         self.excludes = PatternList(options.excludes)
         self.counters = RestoreCounters()
@@ -427,6 +429,8 @@ class _Restore:
             self.counters.files += 1
             self.counters.bytes_written += writer.written
             self.counters.overwritten += job.replaces
+        if self.on_file is not None:
+            self.on_file(_path(job.parts))
         self._report(_path(job.parts))
 
     def link_files(self) -> None:
@@ -561,18 +565,20 @@ def _gid_of(name: str) -> int | None:
 
 
 def restore_files(repo: Repository, snapshot: Snapshot, options: RestoreOptions,
-                  progress: Callable[[RestoreCounters], None] | None = None) -> RestoreResult:
+                  progress: Callable[[RestoreCounters], None] | None = None,
+                  on_file: Callable[[str], None] | None = None) -> RestoreResult:
     """Restore ``snapshot`` below ``options.target`` (created if missing); never writes outside it."""
     if snapshot.tree is None:
         raise HozonError(f"snapshot {snapshot.short_id} is a {snapshot.kind} snapshot, not a file snapshot",
                          hint="use: hozon vm restore")
     if options.overwrite not in OVERWRITE:
         raise UsageError(f"unknown overwrite policy {options.overwrite!r}; choose one of {', '.join(OVERWRITE)}")
-    job = _Restore(repo, options, progress)
+    job = _Restore(repo, options, progress, on_file)
     job.root_fd = safe_fs.open_target(options.target, options.dry_run)
     job.chain = safe_fs.DirChain(job.root_fd)
     try:
         job.skeleton(snapshot.tree)
+        job.counters.total_files = len(job.files)
         if options.dry_run:
             job.counters.files = len(job.files)
             job.counters.bytes_written = job.counters.total_bytes
