@@ -105,6 +105,17 @@ def namespace_backend(server_dir: ServerDir, name: str) -> LocalBackend:
     return LocalBackend(root)
 
 
+def open_repository(server_dir: ServerDir, name: str) -> Repository:
+    """The namespace's repository opened with the password the server keeps for it (prune, verify,
+    retention and restores on the server all open it this way)."""
+    backend = namespace_backend(server_dir, name)
+    try:
+        password = namespace_password(server_dir, name)
+    except FileNotFoundError:
+        raise ServerError(f"namespace {name} has no password file {server_dir.password_file(name)}", 404) from None
+    return Repository.open(backend, password)
+
+
 def _ensure_password(server_dir: ServerDir, name: str) -> str:
     path = server_dir.password_file(name)
     if not path.exists():
