@@ -160,7 +160,8 @@ def test_an_agent_killed_mid_run_fails_within_the_lease_and_leaves_a_sound_repos
 def test_sigterm_mid_run_fails_the_run_cleanly_and_the_agent_exits(server: RunningServer, tmp_path: Path,
                                                                     gated: GatedSource) -> None:
     agent = enrol(server, tmp_path / "agent", "lab", "a1")
-    add_files_job(server, "stopped", "a1", gated.path)
+    after = source_tree(tmp_path / "z-after", 4)  # walked after the gated file: the stop is seen there
+    add_files_job(server, "stopped", "a1", gated.path, after)
     with running_agents(agent) as (process,):
         run_id = queue(server, "stopped")
         wait_for("the backup to reach the gated file", gated.reading.exists, timeout=120)
@@ -178,33 +179,37 @@ def test_sigterm_mid_run_fails_the_run_cleanly_and_the_agent_exits(server: Runni
 
 
 def test_the_server_killed_mid_upload_and_restarted_the_run_resumes_or_fails_cleanly(
-        server: RunningServer, tmp_path: Path, gated: GatedSource) -> None:
-    agent = enrol(server, tmp_path / "agent", "lab", "a1")
-    after = source_tree(tmp_path / "z-after", 3, files=8, size=3_000_000)  # uploaded after the restart
-    add_files_job(server, "through-a-crash", "a1", gated.path, after)
-    with running_agents(agent) as (process,):
-        run_id = queue(server, "through-a-crash")
-        wait_for("the backup to reach the gated file", gated.reading.exists, timeout=120)
-        server.stop(signal.SIGKILL)
-        gated.open()  # uploads now meet a server that is gone
-        time.sleep(3)
-        server.start()
-        final = ended(server, run_id, timeout=240)
-        assert process.proc.poll() is None  # the agent lives on through the server's absence
-        out = process.output()
-        assert "the server cannot be reached" in out and out.count("connected to") == 2, out
-    no_traceback(process)
-    assert final["state"] in ("succeeded", "failed"), final
-    ids = [s["id"] for s in snapshots(server, "lab")]
-    if final["state"] == "succeeded":
-        assert ids == [final["snapshot_id"]]
-        target = tmp_path / "restored"
-        hozon_server_side(server, "lab", "restore", final["snapshot_id"], "--target", str(target))
-        for f in after.rglob("*.bin"):
-            assert (target / str(f).lstrip("/")).read_bytes() == f.read_bytes()
-    else:
-        assert final["reason"] and ids == []
-    assert_check_passes(server, "lab")
+        tmp_path: Path, gated: GatedSource, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOZON_SERVER_LEASE_SECONDS", "40")  # the run outlives the server's absence
+    with running_server(tmp_path) as server:
+        agent = enrol(server, tmp_path / "agent", "lab", "a1")
+        after = source_tree(tmp_path / "z-after", 3, files=8, size=3_000_000)  # uploaded after the restart
+        add_files_job(server, "through-a-crash", "a1", gated.path, after)
+        with running_agents(agent) as (process,):
+            run_id = queue(server, "through-a-crash")
+            wait_for("the backup to reach the gated file", gated.reading.exists, timeout=120)
+            server.stop(signal.SIGKILL)
+            gated.open()  # uploads now meet a server that is gone
+            time.sleep(3)
+            server.start()
+            final = ended(server, run_id, timeout=240)
+            wait_for("the agent to log the run's end", lambda: f"run {run_id} of job through-a-crash {final['state']}"
+                     in process.output(), timeout=60)
+            assert process.proc.poll() is None  # the agent lives on through the server's absence
+            out = process.output()
+            assert "the server cannot be reached" in out and out.count("connected to") == 2, out
+            no_traceback(process)
+        assert final["state"] in ("succeeded", "failed"), final
+        ids = [s["id"] for s in snapshots(server, "lab")]
+        if final["state"] == "succeeded":
+            assert ids == [final["snapshot_id"]]
+            target = tmp_path / "restored"
+            hozon_server_side(server, "lab", "restore", final["snapshot_id"], "--target", str(target))
+            for f in after.rglob("*.bin"):
+                assert (target / str(f).lstrip("/")).read_bytes() == f.read_bytes()
+        else:
+            assert final["reason"] and ids == []
+        assert_check_passes(server, "lab")
 
 
 def test_a_revoked_agent_stops_with_one_sentence(server: RunningServer, tmp_path: Path) -> None:

@@ -79,9 +79,11 @@ class Daemon:
     # -- state and stopping -------------------------------------------------------------------
     def _enter(self, state: str, line: str) -> None:
         """Log ``line`` only when the daemon's state changes (not for every retry in one state)."""
-        if state != self._state:
+        with self._mutex:
+            if state == self._state:
+                return
             self._state = state
-            log.info("%s", line)
+        log.info("%s", line)
 
     def stop(self, why: str) -> None:
         """Poll no more; cancel the runs in progress (each is reported failed with ``why``)."""
@@ -130,7 +132,7 @@ class Daemon:
                     self._stop.wait(backoff.delay())
                     continue
                 backoff.reset()
-                self._enter("connected", f"connected to {self.config.url}; waiting for runs")
+                self._enter("connected", f"connected to {self.config.url}")
                 if run is None:
                     self._slots.release()
                     continue
@@ -190,13 +192,16 @@ class Daemon:
             while not done.wait(every):
                 try:
                     client.progress(run.run_id, progress.snapshot())
+                    self._enter("connected", f"connected to {self.config.url}")
                 except ServerError as exc:
                     if exc.status == 401:
                         self._revoked = revoked_error(self.config, exc)
                         progress.cancel(self._revoked.message)
                     elif exc.status == 409:
                         progress.cancel(exc.message)
-                    # else: the server is away; the lease is renewed by the next report that gets through
+                    elif transient(exc):  # the lease is renewed by the next report that gets through
+                        self._enter("away", f"the server cannot be reached ({exc.message}); run {run.run_id} goes "
+                                            "on and reports again when it answers")
 
         reporter = threading.Thread(target=report, name=f"hozon-report-{run.run_id}", daemon=True)
         reporter.start()
@@ -217,6 +222,7 @@ class Daemon:
                     client.log(run.run_id, outcome.lines)
                     sent_lines = True
                 client.finish(run.run_id, outcome.report())
+                self._enter("connected", f"connected to {self.config.url}")
                 break
             except ServerError as exc:
                 if not transient(exc) or waited > FINISH_PATIENCE or (self._stop.is_set() and waited > 30):

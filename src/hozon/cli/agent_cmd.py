@@ -56,8 +56,11 @@ def agent_run(
     from hozon.agent.config import AgentConfig
     from hozon.agent.daemon import Daemon
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s hozon-agent: %(message)s",
-                        datefmt="%Y-%m-%dT%H:%M:%S%z")
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s hozon-agent: %(message)s", "%Y-%m-%dT%H:%M:%S%z"))
+    logger = logging.getLogger("hozon.agent")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
     daemon = Daemon(AgentConfig.load(directory), parallel)
     with daemon.signals():
         daemon.run()
