@@ -55,7 +55,7 @@ def test_the_server_and_agent_units_run_a_server_that_answers_and_an_agent_that_
         agent_proc.send_signal(signal.SIGTERM)
         assert agent_proc.wait(60) == 0
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(60) == 0
+        assert proc.wait(60) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal; systemd counts it as clean
         assert "Traceback" not in agent_log.read_text() + server.log.read_text()
     finally:
         for p in (agent_proc, proc):
