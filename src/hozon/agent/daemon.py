@@ -171,12 +171,14 @@ class Daemon:
         try:
             with AgentClient(self.config) as client:
                 with self._reporting(client, run, progress):
-                    outcome = execute(self.config, run, progress, self.guard)
+                    try:
+                        outcome = execute(self.config, run, progress, self.guard)
+                    except Exception as exc:  # a bug: the run still ends, with what went wrong
+                        log.exception("run %d of job %s", run.run_id, run.job)
+                        outcome = Outcome("failed", f"the agent failed with an internal error: {exc!r}")
                 if progress.cancelled and outcome.state == "failed":
                     outcome.reason = progress.cancelled
                 self._report_end(client, run, outcome)
-        except Exception:  # a run's thread must never die silently
-            log.exception("run %d of job %s", run.run_id, run.job)
         finally:
             with self._mutex:
                 self._running.pop(run.run_id, None)

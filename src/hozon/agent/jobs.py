@@ -116,8 +116,7 @@ def execute(config: AgentConfig, run: Assignment, progress: Progress, guard: VmG
                 return _vm(config, run, progress)
         return Outcome("failed", f"this agent does not run {run.kind} jobs")
     except HozonError as exc:
-        return Outcome("failed", exc.message + (f" ({exc.hint})" if exc.hint and not isinstance(
-            exc, RunCancelled | RunRefused) else ""))
+        return Outcome("failed", exc.message, lines=[f"hint: {exc.hint}"] if exc.hint else [])
     except OSError as exc:
         return Outcome("failed", f"{exc.filename + ': ' if exc.filename else ''}{exc.strerror or exc}")
 
