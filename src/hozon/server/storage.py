@@ -101,7 +101,7 @@ def namespace_backend(server_dir: ServerDir, name: str) -> LocalBackend:
     """The namespace's repository; 404 when the namespace was never used."""
     root = server_dir.repository(name)
     if not (root / "config").exists():
-        raise ServerError(f"namespace {name} has no repository", 404)
+        raise ServerError(f"namespace {name} has no repository yet", 404)
     return LocalBackend(root)
 
 

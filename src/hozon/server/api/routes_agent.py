@@ -18,12 +18,12 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from sqlalchemy.orm import Session
 
+from hozon.repo.backends.local import LocalBackend
 from hozon.server.api.deps import Principal, context, principal
 from hozon.server.catalog.models import Run
 from hozon.server.context import ServerContext
 from hozon.server.maintenance import Maintenance
 from hozon.server.runs import add_log, claim_next, finish, iso, lease_seconds, renew
-from hozon.server.storage import namespace_backend
 
 router = APIRouter(prefix="/api/v1/agent")
 
@@ -135,7 +135,7 @@ def finish_run(run_id: int, body: FinishIn, request: Request, who: Principal = D
         if body.snapshot_id is not None:
             if not SNAPSHOT_ID.fullmatch(body.snapshot_id):
                 raise HTTPException(422, f"{body.snapshot_id!r} is not a snapshot id")
-            if not namespace_backend(ctx.server_dir, namespace).exists(f"snapshots/{body.snapshot_id}"):
+            if not LocalBackend(ctx.server_dir.repository(namespace)).exists(f"snapshots/{body.snapshot_id}"):
                 raise HTTPException(422, f"snapshot {body.snapshot_id[:16]} is not in namespace {namespace}'s "
                                          f"repository")
         elif body.state == "succeeded":
