@@ -145,15 +145,15 @@ class Daemon:
         log.info("agent %s stopped (%s)", self.config.name, self._stop_reason)
 
     def _poll(self, client: AgentClient) -> Assignment | None:
-        self._polling = True
+        """A poll a stop signal may interrupt (a run the server handed out meanwhile lapses on the server)."""
         try:
-            if self._stop.is_set():
-                return None
-            return client.poll(POLL_WAIT)
+            try:
+                self._polling = True
+                return None if self._stop.is_set() else client.poll(POLL_WAIT)
+            finally:
+                self._polling = False
         except _PollInterrupted:
             return None
-        finally:
-            self._polling = False
 
     def _start(self, run: Assignment) -> None:
         progress = Progress()
