@@ -122,11 +122,9 @@ class Daemon:
                     run = self._poll(client)
                 except ServerError as exc:
                     self._slots.release()
-                    if exc.status == 401:
-                        self._revoked = revoked_error(self.config, exc)
+                    if not transient(exc):  # revoked, or a refusal no retry mends: stop, runs included
+                        self._revoked = revoked_error(self.config, exc) if exc.status == 401 else exc
                         break
-                    if not transient(exc):
-                        raise
                     self._enter("away", f"the server cannot be reached ({exc.message}); trying again with "
                                         "back-off until it answers")
                     self._stop.wait(backoff.delay())
@@ -137,7 +135,8 @@ class Daemon:
                     self._slots.release()
                     continue
                 self._start(run)
-        self.stop(self._stop_reason or "revoked")
+        self.stop(self._stop_reason or ("revoked" if self._revoked and self._revoked.status == 401
+                                        else "the server refused its poll"))
         for thread in self._threads:
             thread.join()
         if self._revoked is not None:
