@@ -68,7 +68,7 @@ class Daemon:
         self.guard = VmGuard(config.directory)
         self._stop = threading.Event()
         self._stop_reason = ""
-        self._revoked: ServerError | None = None
+        self._fatal: ServerError | None = None
         self._slots = threading.Semaphore(self.parallel)
         self._running: dict[int, Progress] = {}
         self._threads: list[threading.Thread] = []
@@ -115,7 +115,7 @@ class Daemon:
                  self.config.namespace, self.config.url, self.parallel)
         backoff = Backoff()
         with AgentClient(self.config) as client:
-            while not self._stop.is_set() and self._revoked is None:
+            while not self._stop.is_set() and self._fatal is None:
                 if not self._slots.acquire(timeout=1.0):
                     continue
                 try:
@@ -123,7 +123,7 @@ class Daemon:
                 except ServerError as exc:
                     self._slots.release()
                     if not transient(exc):  # revoked, or a refusal no retry mends: stop, runs included
-                        self._revoked = revoked_error(self.config, exc) if exc.status == 401 else exc
+                        self._fatal = revoked_error(self.config, exc) if exc.status == 401 else exc
                         break
                     self._enter("away", f"the server cannot be reached ({exc.message}); trying again with "
                                         "back-off until it answers")
@@ -135,12 +135,12 @@ class Daemon:
                     self._slots.release()
                     continue
                 self._start(run)
-        self.stop(self._stop_reason or ("revoked" if self._revoked and self._revoked.status == 401
+        self.stop(self._stop_reason or ("revoked" if self._fatal and self._fatal.status == 401
                                         else "the server refused its poll"))
         for thread in self._threads:
             thread.join()
-        if self._revoked is not None:
-            raise self._revoked
+        if self._fatal is not None:
+            raise self._fatal
         log.info("agent %s stopped (%s)", self.config.name, self._stop_reason)
 
     def _poll(self, client: AgentClient) -> Assignment | None:
@@ -196,8 +196,8 @@ class Daemon:
                     self._enter("connected", f"connected to {self.config.url}")
                 except ServerError as exc:
                     if exc.status == 401:
-                        self._revoked = revoked_error(self.config, exc)
-                        progress.cancel(self._revoked.message)
+                        self._fatal = revoked_error(self.config, exc)
+                        progress.cancel(self._fatal.message)
                     elif exc.status == 409:
                         progress.cancel(exc.message)
                     elif transient(exc):  # the lease is renewed by the next report that gets through
@@ -230,7 +230,7 @@ class Daemon:
                     log.warning("run %d of job %s ended %s, but the server did not take it: %s", run.run_id, run.job,
                                 outcome.state, exc.message)
                     if exc.status == 401:
-                        self._revoked = revoked_error(self.config, exc)
+                        self._fatal = revoked_error(self.config, exc)
                     return
                 delay = backoff.delay()
                 waited += delay
