@@ -65,3 +65,27 @@ def test_a_vm_job_on_a_real_agent_restores_on_the_server(server: RunningServer, 
     assert any(line.startswith(f"snapshot {run['snapshot_id']} saved") for line in log), log
     check = server.hozon("check", "--read-data", env=env, check=False)
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_a_checkpoint_job_keeps_the_disks_and_the_vm_state(server: RunningServer, qemu_vm: QemuVmFactory,
+                                                           tmp_path: Path) -> None:
+    vm = qemu_vm(disks=[("vda", "16M")], memory=64, paused=False)  # firmware runs: a state to keep
+    model = Model(vm, {"vda": 16 * MiB})
+    model.write("vda", MiB, MiB, 0x5C)
+    agent = enrol(server, tmp_path / "agent", "hv", "hv1")
+    d = str(server.directory)
+    server.hozon("job", "add", "web1-state", "--dir", d, "--agent", "hv1", "--checkpoint", "web1", "--qmp",
+                 str(vm.hozon_qmp_path))
+    with running_agents(agent) as (process,):
+        run = json.loads(server.hozon("job", "run", "web1-state", "--dir", d, "--wait", "--timeout", "300",
+                                      "--json").stdout)
+        assert process.stop() == 0
+    assert run["state"] == "succeeded", run
+    assert vm.running()  # the VM goes on after its checkpoint
+    env = server_side_env(server, "hv")
+    snap = json.loads(server.hozon("snapshots", "--json", env=env).stdout)[0]
+    assert snap["id"] == run["snapshot_id"] and snap["kind"] == "checkpoint" and "job:web1-state" in snap["tags"]
+    assert snap["extra"]["state"]["size"] > 0
+    target = tmp_path / "restored"
+    server.hozon("vm", "restore", run["snapshot_id"], "--to", str(target), "--format", "raw", env=env)
+    assert (target / "vda.raw").read_bytes() == model.copy()["vda"]
