@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,3 +53,48 @@ def server_side_env(server: RunningServer, namespace: str) -> dict[str, str]:
         name, _, value = assignment.partition("=")
         env[name] = value
     return env
+
+
+@dataclass
+class AgentProcess:
+    """A real ``hozon agent run`` process; its log (stdout and stderr) in ``log``."""
+
+    agent: Agent
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        """Send ``sig`` and wait for the exit (killed after ``timeout``); the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                return self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        return self.proc.wait()
+
+
+def start_agent(agent: Agent, *args: str, env: dict[str, str] | None = None) -> AgentProcess:
+    """``hozon agent run --dir AGENT_DIR`` in the background (stop it, or use ``running_agents``)."""
+    log = agent.directory.parent / f"{agent.name}.log"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "hozon", "agent", "run", "--dir", str(agent.directory), *args],
+                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env={**os.environ, **(env or {})})
+    return AgentProcess(agent, proc, log)
+
+
+@contextlib.contextmanager
+def running_agents(*agents: Agent, args: tuple[str, ...] = ()) -> Iterator[list[AgentProcess]]:
+    """Agent processes for ``agents``, killed at the end if still running."""
+    started = [start_agent(a, *args) for a in agents]
+    try:
+        yield started
+    finally:
+        for p in started:
+            if p.proc.poll() is None:
+                p.proc.kill()
+                p.proc.wait()

@@ -67,8 +67,10 @@ def unreachable(url: str, exc: httpx.TransportError) -> ServerError:
     """The one sentence for a server that cannot be reached or whose TLS handshake failed."""
     if "CERTIFICATE_VERIFY_FAILED" in str(exc):
         return ServerError(f"the server at {url} did not present a certificate signed by the pinned CA",
-                           hint="re-enrol with the server's current CA fingerprint")
-    return ServerError(f"cannot reach the server at {url}: {exc or type(exc).__name__}")
+                           hint="check the URL and the pinned CA (an agent's: re-enrol with the server's current "
+                                "CA fingerprint)")
+    return ServerError(f"cannot reach the server at {url}: {exc or type(exc).__name__}",
+                       hint="is hozon server run running there?")
 
 
 def enrolment_token(secret: str, fingerprint: str) -> str:

@@ -368,6 +368,6 @@ def test_admin_commands_from_another_host(server: RunningServer, tmp_path: Path)
     pki.create_ca(stranger)
     impostor = server.hozon("job", "list", "--server", server.url, "--ca", str(stranger.ca_cert),
                             env={"HOZON_SERVER_TOKEN": server.admin_token}, check=False)
-    assert impostor.returncode == 1 and "is not the one whose CA is pinned" in impostor.stderr
+    assert impostor.returncode == 1 and "did not present a certificate signed by the pinned CA" in impostor.stderr
     no_server = server.hozon("job", "list", check=False)
     assert no_server.returncode == 2 and "no server given" in no_server.stderr

@@ -40,6 +40,33 @@ def agent_enroll(
                   f"{config.url.removeprefix('https://')}/{config.namespace}", markup=False)
 
 
+@agent_app.command("run")
+def agent_run(
+    directory: Path = typer.Option(..., "--dir", metavar="AGENT_DIR", envvar="HOZON_AGENT_DIR",
+                                   help="The enrolled agent's directory. Env: HOZON_AGENT_DIR."),
+    parallel: int = typer.Option(1, "--parallel", metavar="N", min=1, max=64,
+                                 help="Carry out up to N runs at once (never two of one VM)."),
+) -> None:
+    """Take runs from the server and carry them out, until stopped (SIGTERM, SIGINT).
+
+    Holds no port: it polls the server over HTTPS and retries with back-off while the server is
+    away. A run in progress when the agent is stopped is cancelled and reported failed.
+    """
+    import logging
+
+    from hozon.agent.config import AgentConfig
+    from hozon.agent.daemon import Daemon
+
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s hozon-agent: %(message)s", "%Y-%m-%dT%H:%M:%S%z"))
+    logger = logging.getLogger("hozon.agent")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    daemon = Daemon(AgentConfig.load(directory), parallel)
+    with daemon.signals():
+        daemon.run()
+
+
 @agent_app.command("revoke")
 def agent_revoke(name: str = typer.Argument(..., metavar="NAME", help="The agent's name."),
                  directory: Path = ServerDirOption) -> None:

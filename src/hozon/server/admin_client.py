@@ -10,24 +10,21 @@ refusal becomes one sentence: the server's own ``detail``.
 from __future__ import annotations
 
 import os
-import ssl
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from hozon import https
 from hozon.errors import ServerError, UsageError
 from hozon.server import pki
 from hozon.server.paths import ServerDir
-
-TIMEOUT = 60.0
 
 
 class AdminClient:
     def __init__(self, url: str, token: str, ca_file: Path) -> None:
         self.url = url.rstrip("/")
-        self._http = httpx.Client(base_url=self.url, verify=ssl.create_default_context(cafile=str(ca_file)),
-                                  headers={"Authorization": f"Bearer {token}"}, timeout=TIMEOUT)
+        self._http = https.client(self.url, ca_file, token)
 
     @classmethod
     def connect(cls, directory: Path | None, server: str | None, ca: Path | None,
@@ -68,14 +65,8 @@ class AdminClient:
         """One API request; the decoded JSON answer (None for 204), or a typed error."""
         try:
             response = self._http.request(method, path, json=json, params=params)
-        except httpx.ConnectError as exc:
-            if "CERTIFICATE_VERIFY_FAILED" in str(exc):
-                raise ServerError(f"the server at {self.url} is not the one whose CA is pinned: {exc}",
-                                  hint="check --server and --ca (or --dir)") from exc
-            raise ServerError(f"cannot reach the server at {self.url}: {exc}",
-                              hint="is hozon server run running there?") from exc
         except httpx.TransportError as exc:
-            raise ServerError(f"the connection to the server at {self.url} failed: {exc}") from exc
+            raise https.unreachable(self.url, exc) from exc
         if response.status_code >= 400:
             raise _error(response)
         return response.json() if response.status_code != 204 and response.content else None

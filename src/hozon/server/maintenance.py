@@ -25,7 +25,6 @@ from typing import Any
 from sqlalchemy import delete, select
 
 from hozon.errors import HozonError, ServerError
-from hozon.repo.backends.local import LocalBackend
 from hozon.repo.check import DataSubset, check_repository
 from hozon.repo.locks import PRUNE, SHARED, Lock
 from hozon.repo.prune import DEFAULT_REPACK_THRESHOLD, execute_prune, plan_prune
@@ -35,18 +34,11 @@ from hozon.server.catalog.models import Run, SnapshotRecord
 from hozon.server.context import ServerContext
 from hozon.server.jobs import retention_policy
 from hozon.server.runs import add_log, finish, lease_seconds, one_line, renew
+from hozon.server.storage import open_repository
 
 log = logging.getLogger("hozon.server")
 
 MAX_LOGGED_PROBLEMS = 200
-
-
-def open_repository(ctx: ServerContext, namespace: str) -> Repository:
-    """The namespace's repository, opened with the password the server keeps for it."""
-    path, password = ctx.server_dir.repository(namespace), ctx.server_dir.password_file(namespace)
-    if not (path / "config").exists() or not password.exists():
-        raise HozonError(f"namespace {namespace} has no repository yet")
-    return Repository.open(LocalBackend(path), password.read_text().rstrip("\n"))
 
 
 @dataclass
@@ -135,7 +127,7 @@ class Maintenance:
         owner = self.ctx.identity
         try:
             with self._lease(run_id):
-                outcome = SERVER_WORK[kind](open_repository(self.ctx, namespace), spec)
+                outcome = SERVER_WORK[kind](open_repository(self.ctx.server_dir, namespace), spec)
         except HozonError as exc:
             outcome = Outcome("failed", one_line(exc.message))
         except Exception as exc:
@@ -181,7 +173,7 @@ class Maintenance:
             job_id, namespace_id, snapshot_id = run.job_id, run.job.namespace_id, run.snapshot_id
             namespace, policy_doc = run.job.namespace.name, dict(run.job.retention)
         try:
-            repo = open_repository(self.ctx, namespace)
+            repo = open_repository(self.ctx.server_dir, namespace)
             snap = repo.load_snapshot(snapshot_id)
             with self.ctx.catalog.session() as s:
                 known = select(SnapshotRecord.id).where(SnapshotRecord.snapshot_id == snapshot_id,

@@ -101,8 +101,19 @@ def namespace_backend(server_dir: ServerDir, name: str) -> LocalBackend:
     """The namespace's repository; 404 when the namespace was never used."""
     root = server_dir.repository(name)
     if not (root / "config").exists():
-        raise ServerError(f"namespace {name} has no repository", 404)
+        raise ServerError(f"namespace {name} has no repository yet", 404)
     return LocalBackend(root)
+
+
+def open_repository(server_dir: ServerDir, name: str) -> Repository:
+    """The namespace's repository opened with the password the server keeps for it (prune, verify,
+    retention and restores on the server all open it this way)."""
+    backend = namespace_backend(server_dir, name)
+    try:
+        password = namespace_password(server_dir, name)
+    except FileNotFoundError:
+        raise ServerError(f"namespace {name} has no password file {server_dir.password_file(name)}", 404) from None
+    return Repository.open(backend, password)
 
 
 def _ensure_password(server_dir: ServerDir, name: str) -> str:
