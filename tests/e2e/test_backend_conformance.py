@@ -14,6 +14,7 @@ from pathlib import Path
 import blake3
 import pytest
 from tests.hozon_server import RunningServer, running_server
+from tests.seaweedfs import Seaweed, running_seaweed
 
 from hozon.agent.config import AgentConfig
 from hozon.errors import BackendError, ObjectNotFound, UsageError
@@ -21,6 +22,7 @@ from hozon.repo.backends import Backend, Entry, LocalBackend, open_backend
 from hozon.repo.backends.local import TMP_DIR
 from hozon.repo.backends.mem import MemoryBackend
 from hozon.repo.backends.remote import RemoteBackend
+from hozon.repo.backends.s3 import S3Backend
 from hozon.server import pki
 from hozon.server.paths import ServerDir
 
@@ -44,13 +46,26 @@ def new_agent(server: RunningServer, directory: Path) -> AgentConfig:
     return config
 
 
-@pytest.fixture(params=["mem", "local", "remote"])
+@pytest.fixture(scope="module")
+def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Seaweed]:
+    with running_seaweed(tmp_path_factory.mktemp("seaweed")) as running:
+        yield running
+
+
+@pytest.fixture(params=["mem", "local", "remote", "s3"])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
     if request.param == "mem":
         yield MemoryBackend()
         return
     if request.param == "local":
         yield LocalBackend(tmp_path / "repo")
+        return
+    if request.param == "s3":
+        s3: Seaweed = request.getfixturevalue("seaweed")
+        monkeypatch = request.getfixturevalue("monkeypatch")
+        for name, value in s3.env().items():
+            monkeypatch.setenv(name, value)
+        yield open_backend(s3.location(s3.make_bucket(f"b{os.urandom(6).hex()}"), "some/prefix"))
         return
     server: RunningServer = request.getfixturevalue("server")
     agent = new_agent(server, tmp_path / "agent")
@@ -144,28 +159,34 @@ def test_parallel_puts(backend: Backend) -> None:
     assert all(backend.get(data_key(c)) == c for c in contents)
 
 
-def interrupt_an_upload(backend: Backend, age: float) -> bool:
-    """Leave what a writer killed mid-upload leaves, ``age`` seconds old; False where nothing can be left."""
+def interrupt_an_upload(backend: Backend) -> bool:
+    """Leave what a writer killed mid-upload leaves; False where a put is atomic and leaves nothing."""
     if isinstance(backend, LocalBackend):
         fd, tmp = backend.temp_file()
         os.write(fd, b"half a pack")
         os.close(fd)
-        os.utime(tmp, (time.time() - age, time.time() - age))
+        os.utime(tmp, (time.time() - 10, time.time() - 10))
+        return True
+    if isinstance(backend, S3Backend):  # its puts are single requests; other S3 tools leave these
+        started = backend._s3.create_multipart_upload(Bucket=backend.bucket, Key=f"{backend.root}data/00/half")
+        backend._s3.upload_part(Bucket=backend.bucket, Key=f"{backend.root}data/00/half", PartNumber=1,
+                                UploadId=started["UploadId"], Body=b"half a pack")
         return True
     return False
 
 
 def test_interrupted_uploads_are_never_listed_and_are_cleaned_by_the_backend(backend: Backend) -> None:
     backend.put("locks/a", b"x")
-    if not interrupt_an_upload(backend, age=7200) or not interrupt_an_upload(backend, age=10):
-        assert backend.clean_uploads(3600) == 0  # puts are atomic here: nothing is ever left behind
+    if not interrupt_an_upload(backend):
+        assert backend.clean_uploads(0) == 0  # puts are atomic here: nothing is ever left behind
         return
     assert [e.key for e in backend.list("")] == ["locks/a"]
-    assert list(backend.list(TMP_DIR)) == []
-    assert backend.clean_uploads(3600, dry_run=True) == 1
-    assert backend.clean_uploads(3600) == 1
-    assert backend.clean_uploads(3600) == 0  # the young one is a write in progress: left alone
-    assert backend.clean_uploads(0) == 1
+    assert list(backend.list(TMP_DIR)) == [] and list(backend.list("data")) == []
+    assert backend.clean_uploads(3600) == 0  # young: perhaps a write in progress, left alone
+    time.sleep(2)
+    assert backend.clean_uploads(1, dry_run=True) == 1
+    assert backend.clean_uploads(1) == 1
+    assert backend.clean_uploads(0) == 0
 
 
 def test_the_remote_backend_retries_while_the_server_restarts(server: RunningServer, tmp_path: Path) -> None:
