@@ -15,6 +15,7 @@ from hozon.cli import (
     backup_cmd,
     check_cmd,
     checkpoint_cmd,
+    copy_cmd,
     dump_cmd,
     find_cmd,
     forget_cmd,
@@ -53,6 +54,7 @@ app.command()(repo_cmd.cat)
 app.command()(repo_cmd.unlock)
 app.command()(forget_cmd.forget)
 app.command()(forget_cmd.prune)
+app.command()(copy_cmd.copy)
 app.add_typer(repo_cmd.key_app, name="key")
 app.add_typer(repo_cmd.list_app, name="list")
 app.add_typer(repair_cmd.repair_app, name="repair")

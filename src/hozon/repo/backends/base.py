@@ -17,7 +17,8 @@ Policy (caching, retries, rate limits) is added by wrapping a Backend, never by 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import NamedTuple, Protocol
+from datetime import datetime
+from typing import NamedTuple, Protocol, runtime_checkable
 
 
 class Entry(NamedTuple):
@@ -45,3 +46,21 @@ class Backend(Protocol):
     def clean_uploads(self, max_age: float, dry_run: bool = False) -> int:
         """Remove what interrupted uploads older than ``max_age`` seconds left; how many there were."""
         ...
+
+
+@runtime_checkable
+class Retention(Protocol):
+    """What a backend with write-once retention (S3 Object Lock) adds: objects nobody can delete
+    before a date, Hozon included. ``hozon copy --lock-days`` writes through it; prune asks it."""
+
+    def check_retention(self) -> None:
+        """Raise a one-sentence error unless objects written here can be locked."""
+        ...
+
+    def put_retained(self, key: str, data: bytes | memoryview, until: datetime) -> None: ...
+
+    def retain(self, key: str, until: datetime) -> None:
+        """Keep an existing object locked until at least ``until`` (a lock is extended, never shortened)."""
+        ...
+
+    def locked_until(self, key: str) -> datetime | None: ...

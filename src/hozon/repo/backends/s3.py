@@ -60,12 +60,15 @@ class S3Backend:
     def from_location(cls, location: str) -> S3Backend:
         return cls(location)
 
-    def put(self, key: str, data: bytes | memoryview, retain_until: datetime.datetime | None = None) -> None:
-        """Store ``key`` unless it exists; with ``retain_until``, under an Object Lock (compliance) until then."""
+    def put(self, key: str, data: bytes | memoryview) -> None:
+        self.put_retained(key, data, None)
+
+    def put_retained(self, key: str, data: bytes | memoryview, until: datetime.datetime | None) -> None:
+        """Store ``key`` unless it exists; with ``until``, under an Object Lock (compliance) until then."""
         body = memoryview(data).cast("B")
         extra: dict[str, Any] = {}
-        if retain_until is not None:
-            extra = {"ObjectLockMode": "COMPLIANCE", "ObjectLockRetainUntilDate": retain_until,
+        if until is not None:
+            extra = {"ObjectLockMode": "COMPLIANCE", "ObjectLockRetainUntilDate": until,
                      "ChecksumAlgorithm": "SHA256"}  # S3 wants a checksum with every locked put
         try:
             self._s3.put_object(Bucket=self.bucket, Key=self._key(key), Body=bytes(body), IfNoneMatch="*", **extra)
@@ -124,10 +127,54 @@ class S3Backend:
             raise self._error(exc, "list", f"{base}/") from exc
 
     def delete(self, key: str) -> None:
+        """Delete the object's stored version itself: in a versioned bucket a plain delete only hides it
+        behind a delete marker, so a locked object would seem gone while it stays."""
         try:
-            self._s3.delete_object(Bucket=self.bucket, Key=self._key(key))
-        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
+            version = self._s3.head_object(Bucket=self.bucket, Key=self._key(key)).get("VersionId")
+            extra = {"VersionId": version} if version and version != "null" else {}
+            self._s3.delete_object(Bucket=self.bucket, Key=self._key(key), **extra)
+        except botocore.exceptions.ClientError as exc:
+            if _code(exc) in {"404", "NoSuchKey", "NotFound"}:
+                return
+            if _code(exc) == "AccessDenied" and (until := self.locked_until(key)) is not None:
+                raise BackendError(f"{self.location}: {key} is locked (S3 Object Lock) until "
+                                   f"{until:%Y-%m-%d %H:%M} UTC; it cannot be deleted before") from exc
             raise self._error(exc, "delete", key) from exc
+        except botocore.exceptions.BotoCoreError as exc:
+            raise self._error(exc, "delete", key) from exc
+
+    def check_retention(self) -> None:
+        try:
+            config = self._s3.get_object_lock_configuration(Bucket=self.bucket)["ObjectLockConfiguration"]
+        except botocore.exceptions.ClientError as exc:
+            if _code(exc) in {"ObjectLockConfigurationNotFoundError", "ObjectLockConfigurationNotFound"}:
+                config = {}
+            else:
+                raise self._error(exc, "read the Object Lock configuration of", "the bucket") from exc
+        if config.get("ObjectLockEnabled") != "Enabled":
+            raise UsageError(f"S3 bucket {self.bucket!r} has no Object Lock, so objects there cannot be locked",
+                             hint="create a bucket with Object Lock enabled for locked copies")
+
+    def retain(self, key: str, until: datetime.datetime) -> None:
+        current = self.locked_until(key)
+        if current is not None and current >= until:
+            return
+        try:
+            self._s3.put_object_retention(Bucket=self.bucket, Key=self._key(key),
+                                          Retention={"Mode": "COMPLIANCE", "RetainUntilDate": until})
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
+            raise self._error(exc, "lock", key) from exc
+
+    def locked_until(self, key: str) -> datetime.datetime | None:
+        """The end of the object's retention, if it is in the future."""
+        try:
+            head = self._s3.head_object(Bucket=self.bucket, Key=self._key(key))
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
+            raise self._error(exc, "look up", key) from exc
+        until = head.get("ObjectLockRetainUntilDate")
+        if isinstance(until, datetime.datetime) and until > datetime.datetime.now(datetime.UTC):
+            return until
+        return None
 
     def clean_uploads(self, max_age: float, dry_run: bool = False) -> int:
         """Abort multipart uploads under the repository's prefix started more than ``max_age`` s ago."""
