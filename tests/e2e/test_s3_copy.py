@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -101,7 +102,7 @@ def test_locked_copies_cannot_be_deleted_before_their_time(
     bucket = target.env["HOZON_REPO"].split("/")[3]
     s3 = seaweed.client()
     locked = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]
-              if o["Key"].startswith(("copies/data/", "copies/index/", "copies/snapshots/"))]
+              if o["Key"].startswith(("copies/data/", "copies/snapshots/"))]
     assert locked and all(s3.head_object(Bucket=bucket, Key=k).get("ObjectLockMode") == "COMPLIANCE"
                           for k in locked)
     forget = target("forget", snapshot_id, "--prune", check=False)
@@ -117,3 +118,24 @@ def test_lock_days_on_a_bucket_without_object_lock_is_one_sentence(hozon: Hozon,
     result = copy(hozon, target, "--lock-days", "1", check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "has no Object Lock, so objects there cannot be locked" in result.stderr, result.stderr
+
+
+def test_prune_leaves_locked_packs_alone(seaweed: Seaweed, tmp_path: Path,
+                                         make_tree: Callable[[dict[str, bytes | str]], Path]) -> None:
+    """A pack no snapshot uses any more but still under Object Lock: prune keeps it (condemned) and succeeds."""
+    target = s3_repo(seaweed, tmp_path, object_lock=True)
+    bucket = target.env["HOZON_REPO"].split("/")[3]
+    tree = make_tree({"a": os.urandom(1 << 20)})
+    first = json.loads(target("backup", str(tree), "--json").stdout)["snapshot"]["id"]
+    s3 = seaweed.client()
+    packs = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="copies/data/")["Contents"]]
+    until = datetime.now(UTC) + timedelta(days=1)
+    for key in packs:  # as a locked copy whose snapshot's own lock ran out would leave them
+        s3.put_object_retention(Bucket=bucket, Key=key, Retention={"Mode": "COMPLIANCE", "RetainUntilDate": until})
+    (tree / "a").write_bytes(os.urandom(1 << 20))
+    target("backup", str(tree))
+    target("forget", first)
+    for _ in range(2):  # the first prune condemns the unused packs, the second would delete them
+        target("prune")
+    assert {o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="copies/data/")["Contents"]} >= set(packs)
+    target("check", "--read-data")

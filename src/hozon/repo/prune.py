@@ -58,6 +58,7 @@ import numpy as np
 import numpy.typing as npt
 
 from hozon.errors import CorruptData, HozonError, ObjectNotFound
+from hozon.repo.backends.base import Retention
 from hozon.repo.imagemap import decode_map, map_ids, mapped_entries, zero_mask
 from hozon.repo.index import IndexFile, PackRecord
 from hozon.repo.locks import LockInfo, list_locks
@@ -109,6 +110,7 @@ class PrunePlan:
     adopt_condemned: list[PackRecord] = field(default_factory=list)  # in no index, unused
     unreadable: list[str] = field(default_factory=list)  # in no index, header unreadable: left alone
     missing: list[str] = field(default_factory=list)  # indexed, not in data/, unused: dropped
+    locked: set[str] = field(default_factory=set)  # unused packs under a retention lock: stamped, not deleted
     stale_uploads: int = 0  # interrupted uploads older than TMP_MAX_AGE, removed by the backend
     blockers: list[LockInfo] = field(default_factory=list)  # other live locks when planning
 
@@ -198,6 +200,7 @@ def plan_prune(
     present = set(repo.list_packs())
     blockers = other_live_locks(repo)
     plan = PrunePlan(snapshot_ids, index_files, {}, used, threshold, blockers=blockers)
+    locked = _pack_locks(repo)
     for number, name in enumerate(index.packs):
         blobs, size = listed.get(name, (0, 0))
         use = PackUse(name, blobs, size, int(used_blobs[number]), int(used_bytes[number]),
@@ -210,13 +213,15 @@ def plan_prune(
         elif use.condemned_at:
             if use.used_blobs:
                 plan.resurrect.append(name)
-            elif grace_over(use.condemned_at, blockers):
+            elif grace_over(use.condemned_at, blockers) and not locked(name):
                 plan.delete.append(name)
             else:
                 plan.waiting.append(name)
         elif not use.used_blobs:
             plan.condemn.append(name)
-        elif use.size and use.used_bytes / use.size < threshold:
+            if locked(name):
+                plan.locked.add(name)
+        elif use.size and use.used_bytes / use.size < threshold and not locked(name):
             plan.repack.append(name)
         else:
             plan.keep.append(name)
@@ -236,9 +241,20 @@ def plan_prune(
         plan.packs[name] = PackUse(name, len(entries), sum(e.length for e in entries),
                                    used_blobs=int(np.count_nonzero(used[rows[rows >= 0]])))
         (plan.adopt_live if in_use else plan.adopt_condemned).append(record)
+        if not in_use and locked(name):
+            plan.locked.add(name)
 
     plan.stale_uploads = repo.backend.clean_uploads(TMP_MAX_AGE, dry_run=True)
     return plan
+
+
+def _pack_locks(repo: Repository) -> Callable[[str], bool]:
+    """Whether a pack is under a retention lock (S3 Object Lock): then it is neither repacked nor
+    deleted, as the storage would refuse; it waits, condemned, until a prune after its date."""
+    backend = repo.backend
+    if not isinstance(backend, Retention):
+        return lambda _name: False
+    return lambda name: backend.locked_until(pack_key(name)) is not None
 
 
 def _load_index(repo: Repository) -> tuple[list[str], dict[str, tuple[int, int]]]:
@@ -412,7 +428,7 @@ def execute_prune(repo: Repository, plan: PrunePlan, progress: Progress | None =
         protected = listed if listed is not None else set(plan.packs)
         reclaim = not appeared and grace_over(stamp, blockers)
         for record in later:
-            if reclaim and record.name not in protected:
+            if reclaim and record.name not in protected and record.name not in plan.locked:
                 delete.append(record.name)
             else:
                 out.add(PackRecord(record.name, record.entries, stamp))

@@ -1,8 +1,9 @@
 """Writes that stay for N days (S3 Object Lock, compliance mode): a wrapper, as policy is added.
 
-Every object the wrapped repository writes (packs, index files, snapshots) is locked until the same
-date; ``retain`` extends the lock of packs written earlier that a new snapshot reuses, so none of its
-data can go before it. Locks and temporary objects are not retained: they must be removable.
+Every pack and snapshot the wrapped repository writes is locked until the same date; ``retain``
+extends the lock of packs written earlier that a new snapshot reuses, so none of its data can go
+before it. Index files are not locked: prune must be able to replace them, and they can be rebuilt
+from the packs (``hozon repair index``). Lock files must be removable, so they are not locked either.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 from hozon.errors import UsageError
 from hozon.repo.backends.base import Backend, Entry, Retention
 
-RETAINED_PREFIXES = ("data/", "index/", "snapshots/")
+RETAINED_PREFIXES = ("data/", "snapshots/")
 
 
 class RetainedWrites:
