@@ -19,6 +19,7 @@ from hozon.cli import (
     dump_cmd,
     find_cmd,
     forget_cmd,
+    generate_cmd,
     job_cmd,
     manual,
     repair_cmd,
@@ -65,6 +66,7 @@ app.add_typer(server_cmd.server_app, name="server")
 app.add_typer(agent_cmd.agent_app, name="agent")
 app.command()(agent_cmd.agents)
 app.add_typer(job_cmd.job_app, name="job")
+app.command()(generate_cmd.generate)
 
 
 @app.command()
