@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 from tests.conftest import PASSWORD, Hozon, tree_digest
+from tests.hozon_agents import enrol, server_side_env
+from tests.hozon_server import running_server
 from tests.seaweedfs import Seaweed, running_seaweed
 
 TO_PASSWORD = "another password for the copy"
@@ -139,3 +141,27 @@ def test_prune_leaves_locked_packs_alone(seaweed: Seaweed, tmp_path: Path,
         target("prune")
     assert {o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="copies/data/")["Contents"]} >= set(packs)
     target("check", "--read-data")
+
+
+def test_local_to_the_backup_server_to_s3(hozon: Hozon, seaweed: Seaweed, tmp_path: Path,
+                                          make_tree: Callable[[dict[str, bytes | str]], Path]) -> None:
+    """The server's namespace as a target (as its enrolled agent), then as a source for S3."""
+    tree = make_tree({"a": os.urandom(2 << 20), "b": "hello"})
+    hozon("backup", str(tree))
+    with running_server(tmp_path / "server") as server:
+        agent = enrol(server, tmp_path / "agent", "lab", "hv1")
+        on_server = Hozon(tmp_path / "unused")
+        on_server.env.update(agent.env)
+        del on_server.env["HOZON_PASSWORD"]  # the agent's own password opens its namespace
+        env = {**agent.env, "HOZON_REPO": str(hozon.repo), "HOZON_PASSWORD": PASSWORD}
+        done = json.loads(hozon("copy", "--to", agent.repo, "--json", env=env).stdout)
+        assert len(done["copied"]) == 1
+        side = server_side_env(server, "lab")
+        server.hozon("check", "--read-data", env=side)
+        target = s3_repo(seaweed, tmp_path)
+        env = {**seaweed.env(), "HOZON_TO_PASSWORD": TO_PASSWORD}
+        done = json.loads(on_server("copy", "--to", target.env["HOZON_REPO"], "--json", env=env).stdout)
+        assert len(done["copied"]) == 1
+    target("check", "--read-data")
+    target("restore", f"latest:{tree}", "--target", str(tmp_path / "out"))
+    assert tree_digest(tmp_path / "out" / str(tree).lstrip("/")) == tree_digest(tree)

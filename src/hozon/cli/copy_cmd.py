@@ -6,9 +6,17 @@ import os
 
 import typer
 
-from hozon.cli.common import JsonOption, RetryLockOption, console, open_repo, parse_duration, print_json
+from hozon.cli.common import (
+    JsonOption,
+    RetryLockOption,
+    agent_password,
+    console,
+    open_repo,
+    parse_duration,
+    print_json,
+)
 from hozon.errors import UsageError
-from hozon.repo.backends import open_backend
+from hozon.repo.backends import Backend, open_backend
 from hozon.repo.backends.retain import retaining
 from hozon.repo.copy import copy_snapshots
 from hozon.repo.locks import SHARED, Lock
@@ -24,7 +32,8 @@ def copy(
                                            "from HOZON_PASSWORD or HOZON_PASSWORD_FILE."),
     target: str = typer.Option(..., "--to", metavar="REPO",
                                help="The repository to copy into; its password from HOZON_TO_PASSWORD or "
-                                    "HOZON_TO_PASSWORD_FILE (default: the source's)."),
+                                    "HOZON_TO_PASSWORD_FILE (default: an enrolled agent's for its "
+                                    "server, else the source's)."),
     latest_per_vm: bool = typer.Option(False, "--latest-per-vm", help="Copy the newest snapshot of each VM."),
     lock_days: int = typer.Option(0, "--lock-days", min=0, metavar="N",
                                   help="S3 targets: keep what is copied under Object Lock (compliance) for N days: "
@@ -37,7 +46,8 @@ def copy(
         raise UsageError("give snapshots or --latest-per-vm, not both")
     retry_for = parse_duration(retry_lock)
     from_repo = open_repo(source, load_index=False)
-    to_repo = Repository.open(open_backend(target), _target_password())
+    to_backend = open_backend(target)
+    to_repo = Repository.open(to_backend, _target_password(to_backend))
     if lock_days:
         to_repo.backend = retaining(to_repo.backend, lock_days)
     with Lock(from_repo, SHARED, "copy", retry_for), Lock(to_repo, SHARED, "copy", retry_for):
@@ -59,7 +69,8 @@ def copy(
                   "the copies were verified", markup=False)
 
 
-def _target_password() -> str | None:
+def _target_password(backend: Backend) -> str | None:
+    """HOZON_TO_PASSWORD(_FILE), else an enrolled agent's for its server, else the source's password."""
     if "HOZON_TO_PASSWORD" in os.environ:
         return os.environ["HOZON_TO_PASSWORD"]
     path = os.environ.get("HOZON_TO_PASSWORD_FILE")
@@ -69,7 +80,7 @@ def _target_password() -> str | None:
                 return f.read().rstrip("\n")
         except OSError as exc:
             raise UsageError(f"cannot read the password file {path}: {exc.strerror}") from exc
-    return os.environ.get("HOZON_PASSWORD")
+    return agent_password(backend) or os.environ.get("HOZON_PASSWORD")
 
 
 def _choose(repo: Repository, refs: list[str], latest_per_vm: bool) -> list[Snapshot]:
