@@ -165,3 +165,11 @@ def test_local_to_the_backup_server_to_s3(hozon: Hozon, seaweed: Seaweed, tmp_pa
     target("check", "--read-data")
     target("restore", f"latest:{tree}", "--target", str(tmp_path / "out"))
     assert tree_digest(tmp_path / "out" / str(tree).lstrip("/")) == tree_digest(tree)
+
+
+def test_lock_days_into_a_directory_is_refused(hozon: Hozon, tmp_path: Path) -> None:
+    target = Hozon(tmp_path / "plain", TO_PASSWORD)
+    target("init")
+    result = copy(hozon, target, "--lock-days", "1", check=False)
+    assert result.returncode == 2 and "cannot lock objects; --lock-days needs an S3 repository" in result.stderr
+    assert json.loads(target("snapshots", "--json").stdout) == []
