@@ -17,6 +17,7 @@ a test keeps that table honest). Anything else that escapes is a bug and is show
     ├── CorruptData                 exit 1   a repository file fails its checks
     ├── RepositoryFull              exit 1   the repository's disk is full
     ├── BackendError                exit 1   the storage failed in another way
+    │   ├── ObjectNotFound          exit 1   the storage has no object under that key
     │   └── RepositoryReadOnly      exit 1   the repository cannot be written (read-only mount, permissions)
     ├── Interrupted                 exit 130 Ctrl-C (SIGINT) before the command committed anything
     ├── RestoreOutsideTarget        exit 1   a stored name tries to escape the restore target
@@ -134,6 +135,14 @@ class RepositoryFull(HozonError):
 
 class BackendError(HozonError):
     pass
+
+
+class ObjectNotFound(BackendError):
+    """Every backend's answer to reading a key it does not hold; ``key`` names it."""
+
+    def __init__(self, location: str, key: str) -> None:
+        super().__init__(f"{location}: {key} does not exist")
+        self.key = key
 
 
 class RepositoryReadOnly(BackendError):

@@ -21,6 +21,7 @@ import pytest
 
 from hozon import compress
 from hozon.backup.files import BackupOptions, backup_files
+from hozon.repo.backends.base import Entry
 from hozon.repo.backends.local import LocalBackend
 from hozon.repo.pack import DATA, PackBuilder, blob_aad, pack_key
 from hozon.repo.prune import execute_prune, plan_prune
@@ -483,12 +484,26 @@ def test_loading_the_index_while_prune_replaces_it_lists_again(hozon: Hozon, tmp
     class Racing(LocalBackend):
         listed = 0
 
-        def list(self, prefix: str) -> Iterator[str]:
+        def list(self, prefix: str) -> Iterator[Entry]:
             if prefix == "index" and not self.listed:
                 self.listed += 1
-                yield "index/" + "0" * 64  # listed, then deleted by prune before it is read
+                yield Entry("index/" + "0" * 64, 100)  # listed, then deleted by prune before it is read
             yield from super().list(prefix)
 
     repo = Repository.open(Racing(hozon.repo), hozon.env["HOZON_PASSWORD"])
     repo.load_index()
     assert len(repo.index) > 0 and "0" * 64 not in repo.index_files
+
+
+def test_prune_removes_day_old_interrupted_uploads_and_leaves_young_ones(hozon: Hozon, tmp_path: Path) -> None:
+    write_random(tmp_path / "src" / "a", 1000)
+    backup(hozon, str(tmp_path / "src"))
+    tmp = Path(hozon.repo) / "tmp"
+    old, young = tmp / "old.tmp", tmp / "young.tmp"
+    old.write_bytes(b"half a pack")  # what a backup killed mid-write leaves
+    young.write_bytes(b"a write in progress")
+    os.utime(old, (time.time() - 2 * 24 * 3600,) * 2)
+    assert run_json(hozon, "prune", "--dry-run")["plan"]["tmp_files"] == 1 and old.exists()
+    assert "removed 1 old temporary file(s)" in run(hozon, "prune").stdout
+    assert not old.exists() and young.exists()
+    assert run(hozon, "check").returncode == 0

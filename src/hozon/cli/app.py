@@ -17,6 +17,7 @@ from hozon.cli import (
     checkpoint_cmd,
     config,
     config_cmd,
+    copy_cmd,
     dump_cmd,
     find_cmd,
     forget_cmd,
@@ -57,6 +58,7 @@ app.command()(repo_cmd.cat)
 app.command()(repo_cmd.unlock)
 app.command()(forget_cmd.forget)
 app.command()(forget_cmd.prune)
+app.command()(copy_cmd.copy)
 app.add_typer(repo_cmd.key_app, name="key")
 app.add_typer(repo_cmd.list_app, name="list")
 app.add_typer(repair_cmd.repair_app, name="repair")

@@ -26,7 +26,8 @@ err_console = Console(stderr=True, highlight=False)
 
 RepoOption = typer.Option(
     None, "--repo", "-r", metavar="REPO", envvar="HOZON_REPO",
-    help="Repository location: a directory, or hozon+https://HOST:PORT/NAMESPACE (an enrolled agent's).",
+    help="Repository location: a directory, hozon+https://HOST:PORT/NAMESPACE (an enrolled agent's) or "
+         "s3:https://HOST[:PORT]/BUCKET[/PREFIX].",
 )
 JsonOption = typer.Option(False, "--json", help="Print machine-readable JSON.")
 RetryLockOption = typer.Option(

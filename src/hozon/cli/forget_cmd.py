@@ -198,8 +198,8 @@ def _print_plan(plan: PrunePlan) -> None:
         table.add_row("unreadable", f"{len(plan.unreadable)} pack(s)", "", "in no index, header unreadable: left")
     if plan.missing:
         table.add_row("missing", f"{len(plan.missing)} pack(s)", "", "indexed but gone, unused: dropped")
-    if plan.tmp_files:
-        table.add_row("tmp", f"{len(plan.tmp_files)} file(s)", "", "interrupted writes older than a day")
+    if plan.stale_uploads:
+        table.add_row("tmp", f"{plan.stale_uploads} upload(s)", "", "interrupted writes older than a day")
     console.print(table)
     if plan.newly_condemned:
         when = "in this run" if not plan.blockers else "by a later prune, once these end"

@@ -71,7 +71,7 @@ def read_password(confirm: bool = False, prompt: str = "repository password: ", 
     """
     password = _given_password()
     if password is None and backend is not None:
-        password = _agent_password(backend)
+        password = agent_password(backend)
     if password is None:
         if not required:
             return None
@@ -86,7 +86,7 @@ def read_password(confirm: bool = False, prompt: str = "repository password: ", 
     return password
 
 
-def _agent_password(backend: Backend) -> str | None:
+def agent_password(backend: Backend) -> str | None:
     """An agent writing into its server's repository uses the password it got at enrolment."""
     from hozon.repo.backends.remote import RemoteBackend
 

@@ -117,7 +117,7 @@ def list_snapshot_ids(repo: str | None = RepoOption) -> None:
 @list_app.command("index")
 def list_index(repo: str | None = RepoOption) -> None:
     """Print every index file name."""
-    for key in open_repo(repo, load_index=False).backend.list("index"):
+    for key, _size in open_repo(repo, load_index=False).backend.list("index"):
         console.print(key.rsplit("/", 1)[-1])
 
 
@@ -132,7 +132,7 @@ def list_packs(repo: str | None = RepoOption) -> None:
 def list_keys(repo: str | None = RepoOption) -> None:
     """Print the key files (one per password)."""
     repository = open_repo(repo, load_index=False)
-    for key in repository.backend.list("keys"):
+    for key, _size in repository.backend.list("keys"):
         name = key.rsplit("/", 1)[-1]
         console.print(f"{name}{'  (in use)' if name == repository.key_name else ''}")
 

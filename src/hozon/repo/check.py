@@ -26,7 +26,7 @@ import numpy as np
 import numpy.typing as npt
 
 from hozon.crypto import content_name
-from hozon.errors import CorruptData, HozonError, UsageError
+from hozon.errors import CorruptData, HozonError, ObjectNotFound, UsageError
 from hozon.repo.imagemap import decode_map, map_ids, mapped_entries, zero_mask
 from hozon.repo.index import IndexFile
 from hozon.repo.pack import pack_key, read_header
@@ -222,7 +222,7 @@ class _Check:
         return self._result(index_files, len(present), snapshots)
 
     def _load_index(self) -> int:
-        names = sorted(k.rsplit("/", 1)[-1] for k in self.repo.backend.list("index"))
+        names = sorted(e.key.rsplit("/", 1)[-1] for e in self.repo.backend.list("index"))
 
         def good_files() -> Iterator[IndexFile]:
             for done, name in enumerate(names):
@@ -300,7 +300,7 @@ class _Check:
         key = pack_key(name)
         try:
             data = self.repo.backend.get(key)
-        except FileNotFoundError:
+        except ObjectNotFound:
             return _PackVerdict(name, number, 0, ("the pack is missing",), (), True, False)
         except HozonError as exc:
             return _PackVerdict(name, number, 0, (f"it cannot be read ({exc.message})",), (), True, False)

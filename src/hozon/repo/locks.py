@@ -26,7 +26,7 @@ import time
 import weakref
 from dataclasses import asdict, dataclass
 
-from hozon.errors import CorruptData, HozonError, LockLost, LockNotRemoved, RepositoryLocked
+from hozon.errors import CorruptData, HozonError, LockLost, LockNotRemoved, ObjectNotFound, RepositoryLocked
 from hozon.repo import schema
 from hozon.repo.repository import Repository
 from hozon.repo.snapshots import this_host
@@ -80,11 +80,11 @@ def process_alive(pid: int) -> bool:
 def list_locks(repo: Repository) -> list[LockInfo]:
     """The readable lock files; fields a newer Hozon added are ignored (``schema.LOCK``)."""
     locks: list[LockInfo] = []
-    for key in repo.backend.list("locks"):
+    for key, _size in repo.backend.list("locks"):
         name = key.rsplit("/", 1)[-1]
         try:
             doc = schema.LOCK(schema.parse_json(repo.load_file(key, b"lock")))
-        except (CorruptData, FileNotFoundError, schema.Invalid):
+        except (CorruptData, ObjectNotFound, schema.Invalid):
             continue  # vanished while listing (refreshed or released) or unreadable: not a holder
         locks.append(LockInfo(name=name, **doc))
     return locks

@@ -57,8 +57,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from hozon.errors import CorruptData, HozonError
-from hozon.repo.backends.local import TMP_DIR, LocalBackend
+from hozon.errors import CorruptData, HozonError, ObjectNotFound
+from hozon.repo.backends.base import Retention
 from hozon.repo.imagemap import decode_map, map_ids, mapped_entries, zero_mask
 from hozon.repo.index import IndexFile, PackRecord
 from hozon.repo.locks import LockInfo, list_locks
@@ -110,7 +110,8 @@ class PrunePlan:
     adopt_condemned: list[PackRecord] = field(default_factory=list)  # in no index, unused
     unreadable: list[str] = field(default_factory=list)  # in no index, header unreadable: left alone
     missing: list[str] = field(default_factory=list)  # indexed, not in data/, unused: dropped
-    tmp_files: list[str] = field(default_factory=list)
+    locked: set[str] = field(default_factory=set)  # unused packs under a retention lock: stamped, not deleted
+    stale_uploads: int = 0  # interrupted uploads older than TMP_MAX_AGE, removed by the backend
     blockers: list[LockInfo] = field(default_factory=list)  # other live locks when planning
 
     def size_of(self, names: Iterable[str]) -> int:
@@ -142,7 +143,7 @@ class PrunePlan:
             "delete": part(self.delete),
             "unindexed": {"indexed_live": len(self.adopt_live), "condemned": len(self.adopt_condemned),
                           "unreadable": len(self.unreadable)},
-            "missing_dropped": len(self.missing), "tmp_files": len(self.tmp_files),
+            "missing_dropped": len(self.missing), "tmp_files": self.stale_uploads,
             "repack_threshold": self.threshold,
             "blockers": [lk.describe() for lk in self.blockers],
         }
@@ -199,6 +200,7 @@ def plan_prune(
     present = set(repo.list_packs())
     blockers = other_live_locks(repo)
     plan = PrunePlan(snapshot_ids, index_files, {}, used, threshold, blockers=blockers)
+    locked = _pack_locks(repo)
     for number, name in enumerate(index.packs):
         blobs, size = listed.get(name, (0, 0))
         use = PackUse(name, blobs, size, int(used_blobs[number]), int(used_bytes[number]),
@@ -211,13 +213,15 @@ def plan_prune(
         elif use.condemned_at:
             if use.used_blobs:
                 plan.resurrect.append(name)
-            elif grace_over(use.condemned_at, blockers):
+            elif grace_over(use.condemned_at, blockers) and not locked(name):
                 plan.delete.append(name)
             else:
                 plan.waiting.append(name)
         elif not use.used_blobs:
             plan.condemn.append(name)
-        elif use.size and use.used_bytes / use.size < threshold:
+            if locked(name):
+                plan.locked.add(name)
+        elif use.size and use.used_bytes / use.size < threshold and not locked(name):
             plan.repack.append(name)
         else:
             plan.keep.append(name)
@@ -228,7 +232,7 @@ def plan_prune(
     for name in unindexed:
         try:
             _data, entries = repo.read_pack(name)
-        except (CorruptData, FileNotFoundError):
+        except (CorruptData, ObjectNotFound):
             plan.unreadable.append(name)  # half-uploaded or damaged: hozon check reports it
             continue
         record = pack_record(name, entries)
@@ -237,14 +241,25 @@ def plan_prune(
         plan.packs[name] = PackUse(name, len(entries), sum(e.length for e in entries),
                                    used_blobs=int(np.count_nonzero(used[rows[rows >= 0]])))
         (plan.adopt_live if in_use else plan.adopt_condemned).append(record)
+        if not in_use and locked(name):
+            plan.locked.add(name)
 
-    plan.tmp_files = _old_tmp_files(repo)
+    plan.stale_uploads = repo.backend.clean_uploads(TMP_MAX_AGE, dry_run=True)
     return plan
+
+
+def _pack_locks(repo: Repository) -> Callable[[str], bool]:
+    """Whether a pack is under a retention lock (S3 Object Lock): then it is neither repacked nor
+    deleted, as the storage would refuse; it waits, condemned, until a prune after its date."""
+    backend = repo.backend
+    if not isinstance(backend, Retention):
+        return lambda _name: False
+    return lambda name: backend.locked_until(pack_key(name)) is not None
 
 
 def _load_index(repo: Repository) -> tuple[list[str], dict[str, tuple[int, int]]]:
     """Load the index into ``repo.index``; also give the loaded file names and blobs/bytes per pack."""
-    names = sorted(k.rsplit("/", 1)[-1] for k in repo.backend.list("index"))
+    names = sorted(e.key.rsplit("/", 1)[-1] for e in repo.backend.list("index"))
     listed: dict[str, tuple[int, int]] = {}
 
     def files() -> Iterator[IndexFile]:
@@ -332,22 +347,6 @@ def _used_rows(repo: Repository, snapshots: Iterable[Snapshot]) -> npt.NDArray[n
     return used
 
 
-def _old_tmp_files(repo: Repository) -> list[str]:
-    """Temporary files of interrupted writes, older than a day (local directories only)."""
-    backend = repo.backend
-    if not isinstance(backend, LocalBackend):
-        return []
-    cutoff = time.time() - TMP_MAX_AGE
-    old: list[str] = []
-    for key in backend.list(TMP_DIR):
-        try:
-            if (backend.root / key).stat().st_mtime < cutoff:
-                old.append(key)
-        except FileNotFoundError:
-            continue  # finished meanwhile
-    return old
-
-
 # -- execute --------------------------------------------------------------------------------------
 class IndexWriter:
     """Writes pack records into index files of bounded size (prune and repair replace the index with it)."""
@@ -429,7 +428,7 @@ def execute_prune(repo: Repository, plan: PrunePlan, progress: Progress | None =
         protected = listed if listed is not None else set(plan.packs)
         reclaim = not appeared and grace_over(stamp, blockers)
         for record in later:
-            if reclaim and record.name not in protected:
+            if reclaim and record.name not in protected and record.name not in plan.locked:
                 delete.append(record.name)
             else:
                 out.add(PackRecord(record.name, record.entries, stamp))
@@ -454,9 +453,8 @@ def execute_prune(repo: Repository, plan: PrunePlan, progress: Progress | None =
         repo.backend.delete(pack_key(name))
         result.packs_deleted += 1
         result.bytes_freed += plan.packs[name].size
-    for key in plan.tmp_files:
-        repo.backend.delete(key)
-        result.tmp_deleted += 1
+    if plan.stale_uploads:
+        result.tmp_deleted = repo.backend.clean_uploads(TMP_MAX_AGE)
 
     result.condemned_kept = len(kept_stamps)
     if kept_stamps:
@@ -476,7 +474,7 @@ def _listed_by_others(repo: Repository, known: set[str]) -> set[str] | None:
     snapshot may have indexed packs that looked unindexed when planning): those are never deleted.
     None when such a file cannot be read: then nothing may be deleted."""
     names: set[str] = set()
-    for key in repo.backend.list("index"):
+    for key, _size in repo.backend.list("index"):
         name = key.rsplit("/", 1)[-1]
         if name not in known:
             try:

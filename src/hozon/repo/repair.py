@@ -65,7 +65,7 @@ class IndexRepair:
 def repair_index(repo: Repository, say: Say | None = None) -> IndexRepair:
     """Rebuild the index of ``repo`` (locked exclusively by the caller) from its packs' headers."""
     say = say or (lambda _m: None)
-    old = sorted(key.rsplit("/", 1)[-1] for key in repo.backend.list("index"))
+    old = sorted(e.key.rsplit("/", 1)[-1] for e in repo.backend.list("index"))
     stamps, damaged = _old_stamps(repo, old)
     present = sorted(repo.list_packs())
     say(f"reading the headers of {len(present)} pack(s)")

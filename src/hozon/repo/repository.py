@@ -22,6 +22,7 @@ from hozon.crypto import AuthenticationFailed, MasterKey, content_name, unwrap_k
 from hozon.errors import (
     CorruptData,
     HozonError,
+    ObjectNotFound,
     RepositoryExists,
     RepositoryNotFound,
     SnapshotNotFound,
@@ -57,7 +58,7 @@ class Repository:
         """
         if backend.exists(CONFIG):
             raise RepositoryExists(backend.location)
-        leftovers = sorted(backend.list("keys"))
+        leftovers = sorted(e.key for e in backend.list("keys"))
         if leftovers and any(any(True for _ in backend.list(p)) for p in ("data", "index", "snapshots")):
             raise RepositoryExists(backend.location)  # a repository that lost its config: not ours to clear
         master = MasterKey.generate(encrypted)
@@ -81,15 +82,15 @@ class Repository:
         """
         try:
             sealed_config = backend.get(CONFIG)
-        except FileNotFoundError as exc:
+        except ObjectNotFound as exc:
             raise RepositoryNotFound(backend.location) from exc
         wrong: WrongPassword | None = None
         damaged: CorruptData | None = None  # a key file that is no key: named only if no key fits
         config_problem: CorruptData | None = None
-        for key in sorted(backend.list("keys")):
+        for key in sorted(e.key for e in backend.list("keys")):
             try:
                 master = _unlock_key(backend, key, password)
-            except FileNotFoundError:
+            except ObjectNotFound:
                 continue  # removed by a password change while we listed
             except WrongPassword as exc:
                 wrong = exc
@@ -114,10 +115,10 @@ class Repository:
         A key file anyone added cannot turn the password off: one encrypted key is enough to ask.
         """
         kinds: set[str] = set()
-        for key in backend.list("keys"):
+        for key, _size in backend.list("keys"):
             try:
                 kinds.add(schema.key_file(schema.parse_json(backend.get(key)))["kdf"])
-            except (schema.Invalid, FileNotFoundError):
+            except (schema.Invalid, ObjectNotFound):
                 continue
         return kinds != {"none"}
 
@@ -146,7 +147,7 @@ class Repository:
     def load_file(self, key: str, aad: bytes) -> bytes:
         try:
             data = self.backend.get(key)
-        except FileNotFoundError as exc:
+        except ObjectNotFound as exc:
             raise CorruptData(key, "the file is missing") from exc
         return self.unseal(key, data, aad)
 
@@ -160,7 +161,7 @@ class Repository:
     # -- index ----------------------------------------------------------------------------------
     def load_index(self) -> None:
         for attempt in range(3):
-            self.index_files = sorted(k.rsplit("/", 1)[-1] for k in self.backend.list("index"))
+            self.index_files = sorted(e.key.rsplit("/", 1)[-1] for e in self.backend.list("index"))
             try:
                 self.index.load(self.decode_index_file(name) for name in self.index_files)
                 return
@@ -183,7 +184,7 @@ class Repository:
         return name
 
     def list_packs(self) -> Iterator[str]:
-        for key in self.backend.list("data"):
+        for key, _size in self.backend.list("data"):
             yield key.rsplit("/", 1)[-1]
 
     def read_pack(self, name: str) -> tuple[bytes, list[PackEntry]]:
@@ -191,7 +192,7 @@ class Repository:
         key = pack_key(name)
         try:
             data = self.backend.get(key)
-        except FileNotFoundError as exc:
+        except ObjectNotFound as exc:
             raise CorruptData(key, "the pack is missing") from exc
         return data, read_header(self.cipher, key, data, len(data))
 
@@ -203,7 +204,7 @@ class Repository:
         key = pack_key(loc.pack)
         try:
             sealed = self.backend.get(key, loc.offset, loc.length)
-        except FileNotFoundError as exc:
+        except ObjectNotFound as exc:
             raise CorruptData(key, "the pack is missing") from exc
         return self.open_blob(key, sealed, loc.blob_type, blob_id)
 
@@ -250,7 +251,7 @@ class Repository:
             raise CorruptData(key, f"it is not a valid snapshot ({exc})") from exc
 
     def snapshot_ids(self) -> list[str]:
-        return sorted(k.rsplit("/", 1)[-1] for k in self.backend.list("snapshots"))
+        return sorted(e.key.rsplit("/", 1)[-1] for e in self.backend.list("snapshots"))
 
     def list_snapshots(self) -> list[Snapshot]:
         """Every snapshot, oldest first; a damaged snapshot file raises (prune must not guess)."""

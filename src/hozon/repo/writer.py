@@ -2,11 +2,12 @@
 
     caller ──submit(data)──► workers (keyed BLAKE3 → dedup → zstd → AES-GCM) ──► pack builder
                                                                                    │ full pack
-    index file ◄── every few packs ◄── index entries ◄── uploader thread ◄─────────┘
+    index file ◄── every few packs ◄── index entries ◄── uploader threads ◄────────┘
 
 The heavy steps release the GIL, so two cores work at once. Queues are bounded (memory stays flat)
 and a worker or upload error is raised to the caller at its next call. Index entries are written
-only after the packs they name are stored: packs → index → snapshot.
+only after the packs they name are stored: packs → index → snapshot. There are as many uploader
+threads as the backend says it gains from (``Backend.uploaders``: one for a local disk).
 """
 
 from __future__ import annotations
@@ -66,11 +67,15 @@ class BlobWriter:
         self._lock = threading.Lock()
         self._in_flight: set[bytes] = set()
         self._builder = PackBuilder(repo.cipher)
-        self._uploads: queue.Queue[object] = queue.Queue(maxsize=1)
+        uploaders = max(1, repo.backend.uploaders)
+        self._uploads: queue.Queue[object] = queue.Queue(maxsize=uploaders)
         self._pending_records: list[PackRecord] = []
+        self._records_lock = threading.Lock()
         self._error: BaseException | None = None
-        self._uploader = threading.Thread(target=self._upload_loop, name="hozon-upload", daemon=True)
-        self._uploader.start()
+        self._uploaders = [threading.Thread(target=self._upload_loop, name=f"hozon-upload-{n}", daemon=True)
+                           for n in range(uploaders)]
+        for thread in self._uploaders:
+            thread.start()
         self._closed = False
 
     # -- public ---------------------------------------------------------------------------------
@@ -98,8 +103,7 @@ class BlobWriter:
         self._pool.shutdown(wait=True)
         if self._error is None and self._builder.entries:
             self._queue_pack(self._builder)
-        self._uploads.put(_STOP)
-        self._uploader.join()
+        self._stop_uploaders()
         if self._error is None and self._pending_records:
             self.repo.write_index(self._pending_records)
             self._pending_records = []
@@ -110,8 +114,7 @@ class BlobWriter:
         self._error = self._error or RuntimeError("aborted")
         self._closed = True
         self._pool.shutdown(wait=True, cancel_futures=True)
-        self._uploads.put(_STOP)
-        self._uploader.join()
+        self._stop_uploaders()
 
     def __enter__(self) -> BlobWriter:
         return self
@@ -154,6 +157,12 @@ class BlobWriter:
             except queue.Full:
                 continue
 
+    def _stop_uploaders(self) -> None:
+        for _thread in self._uploaders:
+            self._uploads.put(_STOP)
+        for thread in self._uploaders:
+            thread.join()
+
     def _upload_loop(self) -> None:
         while True:
             item = self._uploads.get()
@@ -174,10 +183,11 @@ class BlobWriter:
             for e in builder.entries:
                 self.repo.index.add(e.blob_id, name, e.offset, e.length, e.blob_type)
                 self._in_flight.discard(e.blob_id)
-        self._pending_records.append(pack_record(name, builder.entries))
-        if len(self._pending_records) >= PACKS_PER_INDEX_FILE:
-            self.repo.write_index(self._pending_records)
-            self._pending_records = []
+        with self._records_lock:  # one index file at a time, naming only packs already stored
+            self._pending_records.append(pack_record(name, builder.entries))
+            if len(self._pending_records) >= PACKS_PER_INDEX_FILE:
+                self.repo.write_index(self._pending_records)
+                self._pending_records = []
 
     def _raise_pending_error(self) -> None:
         if self._error is not None:

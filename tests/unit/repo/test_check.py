@@ -150,7 +150,7 @@ def test_read_data_notices_an_index_that_disagrees_with_the_pack_header(repo: Re
         a, b = store_file(w, "a", os.urandom(1000)), store_file(w, "b", os.urandom(1000))
     snap = save_snapshot(repo, [a, b])
     r = reopen(repo)
-    for key in r.backend.list("index"):
+    for key, _size in r.backend.list("index"):
         index_file = r.decode_index_file(key.rsplit("/", 1)[-1])
         rows = [i for i, e in enumerate(index_file.entries) if bytes(e["id"]).hex() == b.content[0]]
         if rows:
@@ -176,7 +176,7 @@ def test_condemned_packs_are_still_valid_locations(repo: Repository) -> None:
         node = store_file(w, "f", b"data" * 100)
     save_snapshot(repo, [node])
     r = reopen(repo)
-    for key in list(r.backend.list("index")):
+    for key, _size in list(r.backend.list("index")):
         f = r.decode_index_file(key.rsplit("/", 1)[-1])
         r.backend.delete(key)
         r.save_content_addressed("index", _encode(IndexFile(f.names, [1] * len(f.names), f.counts, f.entries)),
@@ -233,7 +233,7 @@ def test_a_damaged_index_file_is_named_and_its_packs_are_counted_unreferenced(re
         node = store_file(w, "f", b"data" * 100)
     snap = save_snapshot(repo, [node])
     r = reopen(repo)
-    key = sorted(r.backend.list("index"))[0]
+    key = sorted(r.backend.list("index"))[0].key
     path = Path(r.backend.location) / key
     path.write_bytes(path.read_bytes()[:-3])
     result = check(repo)

@@ -28,7 +28,7 @@ def _repository_with_an_orphan_pack(path: Path) -> tuple[list[bytes], list[bytes
     blobs = [os.urandom(1000 + i) for i in range(20)]
     with BlobWriter(repo) as writer:
         ids = [writer.store(blob, DATA) for blob in blobs]
-    for key in list(repo.backend.list("index")):
+    for key, _size in list(repo.backend.list("index")):
         repo.backend.delete(key)
     return blobs, ids
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from hozon.errors import BackendError, HozonError, RepositoryFull, RepositoryReadOnly
+from hozon.errors import BackendError, HozonError, ObjectNotFound, RepositoryFull, RepositoryReadOnly
+from hozon.repo.backends.base import Entry
 
 TMP_DIR = "tmp"
 _READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
@@ -23,9 +25,17 @@ _READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
 class LocalBackend:
     """Files under ``root``; writes go to ``tmp/`` then appear atomically, so readers never see halves."""
 
+    uploaders = 1  # one disk: parallel writes only compete for it
+
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
         self.location = str(self.root)
+
+    @classmethod
+    def from_location(cls, location: str) -> LocalBackend:
+        """``PATH``, ``local:PATH`` or ``file:PATH``."""
+        scheme, sep, rest = location.partition(":")
+        return cls(rest if sep and scheme in {"local", "file"} else location)
 
     def _path(self, key: str) -> Path:
         if key.startswith("/") or ".." in key.split("/"):
@@ -90,30 +100,49 @@ class LocalBackend:
                 if offset:
                     f.seek(offset)
                 return f.read() if length is None else f.read(length)
-        except FileNotFoundError:
-            raise
+        except FileNotFoundError as exc:
+            raise ObjectNotFound(self.location, key) from exc
         except OSError as exc:
             raise BackendError(f"cannot read {path}: {exc.strerror}") from exc
 
     def exists(self, key: str) -> bool:
         return self._path(key).exists()
 
-    def list(self, prefix: str) -> Iterator[str]:
-        return (key for key, _size in self.list_sizes(prefix))
-
-    def list_sizes(self, prefix: str) -> Iterator[tuple[str, int]]:
-        """Keys under ``prefix`` with their sizes in bytes (a file removed meanwhile is left out)."""
+    def list(self, prefix: str) -> Iterator[Entry]:
+        """Keys under ``prefix`` with their sizes (a file removed meanwhile is left out, ``tmp/`` always)."""
         base = self._path(prefix.rstrip("/"))
         if not base.is_dir():
             return
-        for dirpath, _dirs, files in os.walk(base):
+        for dirpath, dirs, files in os.walk(base):
             rel = Path(dirpath).relative_to(self.root).as_posix()
+            if rel == ".":
+                dirs[:] = [d for d in dirs if d != TMP_DIR]
+            elif rel == TMP_DIR:
+                continue
             for name in files:
                 try:
                     size = os.stat(os.path.join(dirpath, name)).st_size
                 except FileNotFoundError:
                     continue
-                yield (name if rel == "." else f"{rel}/{name}"), size
+                yield Entry(name if rel == "." else f"{rel}/{name}", size)
+
+    def clean_uploads(self, max_age: float, dry_run: bool = False) -> int:
+        """Files under ``tmp/`` older than ``max_age``: a write that was interrupted (crash, full disk)."""
+        cutoff = time.time() - max_age
+        stale = 0
+        with contextlib.suppress(FileNotFoundError), os.scandir(self.root / TMP_DIR) as entries:
+            for entry in entries:
+                try:
+                    if entry.stat().st_mtime >= cutoff:
+                        continue
+                    if not dry_run:
+                        os.unlink(entry.path)
+                except FileNotFoundError:
+                    continue  # finished meanwhile
+                except OSError as exc:
+                    raise self.write_error(Path(entry.path), exc) from exc
+                stale += 1
+        return stale
 
     def delete(self, key: str) -> None:
         path = self._path(key)

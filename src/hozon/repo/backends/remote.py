@@ -3,8 +3,8 @@
 The five storage verbs over HTTPS (the server's ``/api/v1/repo`` routes), as an enrolled agent:
 its credential and the pinned CA come from the agent directory (``HOZON_AGENT_DIR``, or given).
 Every verb is idempotent (files are write-once; a repeated put of the same bytes is accepted), so
-transport failures are retried with back-off. Uploads are sequential: one request at a time per
-uploader thread.
+transport failures are retried with back-off. A request waits on the network more than on either
+end's disk, so packs are uploaded by several threads at once (``uploaders``).
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import httpx
 
 from hozon import https
 from hozon.agent.config import AgentConfig
-from hozon.errors import BackendError, HozonError, RepositoryFull, UsageError
+from hozon.errors import BackendError, HozonError, ObjectNotFound, RepositoryFull, UsageError
+from hozon.repo.backends.base import Entry
 
 SCHEME = "hozon+https"
 RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0)  # then give up: about half a minute without the server
@@ -28,6 +29,8 @@ PUT_PIECE = 1 << 20
 
 
 class RemoteBackend:
+    uploaders = 4
+
     def __init__(self, location: str, agent: AgentConfig | None = None) -> None:
         parts = urlsplit(location)
         namespace = parts.path.strip("/")
@@ -40,6 +43,10 @@ class RemoteBackend:
         self.base_url = f"https://{parts.netloc}"
         self._client = https.client(self.base_url, self.agent.ca_file, self.agent.secret)
         self._prefix = f"/api/v1/repo/{quote(namespace, safe='')}"
+
+    @classmethod
+    def from_location(cls, location: str) -> RemoteBackend:
+        return cls(location)
 
     @property
     def password(self) -> str:
@@ -69,19 +76,20 @@ class RemoteBackend:
     def exists(self, key: str) -> bool:
         return self._request("HEAD", self._object(key), key, accept=frozenset({404})).status_code == 200
 
-    def list(self, prefix: str) -> Iterator[str]:
-        return (key for key, _size in self.list_sizes(prefix))
-
-    def list_sizes(self, prefix: str) -> Iterator[tuple[str, int]]:
+    def list(self, prefix: str) -> Iterator[Entry]:
         """Keys under ``prefix`` with their sizes in bytes, as the server lists them."""
         response = self._request("GET", f"{self._prefix}/list", prefix, params={"prefix": prefix.strip("/")})
         for line in response.text.splitlines():
             if line:
                 doc = json.loads(line)
-                yield doc["key"], int(doc["size"])
+                yield Entry(doc["key"], int(doc["size"]))
 
     def delete(self, key: str) -> None:
         self._request("DELETE", self._object(key), key)
+
+    def clean_uploads(self, max_age: float, dry_run: bool = False) -> int:
+        """Nothing to do here: the server's own maintenance clears its namespaces' interrupted uploads."""
+        return 0
 
     def close(self) -> None:
         self._client.close()
@@ -109,11 +117,11 @@ class RemoteBackend:
             raise self._refusal(response, method, url, key)
         raise AssertionError("the last attempt returns or raises")
 
-    def _refusal(self, response: httpx.Response, method: str, url: str, key: str) -> HozonError | FileNotFoundError:
+    def _refusal(self, response: httpx.Response, method: str, url: str, key: str) -> HozonError:
         reason = https.detail(response) if method != "HEAD" else _HEAD_REASONS.get(
             response.status_code, f"HTTP {response.status_code}")
         if response.status_code == 404 and "/objects/" in url:
-            return FileNotFoundError(f"{self.location}: {key}: {reason}")
+            return ObjectNotFound(self.location, key)
         if response.status_code == 507:
             return RepositoryFull(f"{self.location}/{key}")
         return BackendError(f"{self.location}: the server refused to {_VERBS[method]} {key}: {reason}")

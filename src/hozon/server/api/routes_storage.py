@@ -18,7 +18,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from hozon.errors import ServerError
-from hozon.repo.backends.local import TMP_DIR, LocalBackend
+from hozon.repo.backends.local import LocalBackend
 from hozon.server.api.deps import Principal, context, principal
 from hozon.server.paths import NAMESPACE_RE
 from hozon.server.storage import (
@@ -100,9 +100,8 @@ def list_objects(namespace: str, request: Request, prefix: str = "", who: Princi
     prefix = check_list_prefix(prefix)
 
     def lines() -> Iterator[bytes]:
-        for key, size in backend.list_sizes(prefix):
-            if not key.startswith(f"{TMP_DIR}/"):
-                yield json.dumps({"key": key, "size": size}).encode() + b"\n"
+        for key, size in backend.list(prefix):
+            yield json.dumps({"key": key, "size": size}).encode() + b"\n"
 
     return StreamingResponse(lines(), media_type="application/x-ndjson")
 
