@@ -154,3 +154,30 @@ def test_a_server_killed_mid_upload_leaves_a_repository_that_checks_and_takes_th
         assert len(snaps) == 1 + first_succeeded
         server.hozon("restore", "latest", "--target", str(tmp_path / "out"), env=side)
         assert tree_digest(tmp_path / "out" / str(tree).lstrip("/")) == tree_digest(tree)
+
+
+def test_a_full_disk_on_the_server_is_one_sentence_and_earlier_snapshots_stay(
+        tmp_path: Path, make_tree: Callable[[dict[str, bytes | str]], Path]) -> None:
+    small = make_tree({"etc/motd": "hello\n" * 100})
+    big = tmp_path / "big"
+    big.mkdir()
+    (big / "random.bin").write_bytes(os.urandom(48 << 20))  # incompressible, twice the datastore's room
+    with running_server(tmp_path) as server:
+        datastore = server.directory / "datastore"
+        datastore.mkdir(exist_ok=True)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(datastore)], check=True, timeout=30)
+        try:
+            agent = enrol(server, tmp_path / "agent", "lab", "web1")
+            server.hozon("backup", str(small), env=agent.env)
+            full = server.hozon("backup", str(big), env=agent.env, check=False)
+            assert full.returncode == 1, full.stdout + full.stderr
+            assert "no space left on the repository's disk" in full.stderr and "Traceback" not in full.stderr
+            snaps = json.loads(server.hozon("snapshots", "--json", env=agent.env).stdout)
+            assert [s["paths"] for s in snaps] == [[str(small)]]  # no partial snapshot of the big tree
+            side = server_side_env(server, "lab")
+            server.hozon("check", "--read-data", env=side)
+            server.hozon("restore", "latest", "--target", str(tmp_path / "restored"), env=side)
+            assert tree_digest(tmp_path / "restored" / str(small).lstrip("/")) == tree_digest(small)
+        finally:
+            server.stop()
+            subprocess.run(["umount", "-l", str(datastore)], check=False, timeout=30)
