@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import ssl
 import stat
 from pathlib import Path
@@ -38,3 +39,18 @@ def test_init_refuses_a_directory_that_holds_a_server_and_a_bad_listen(tmp_path:
         assert bad.returncode == 2 and "HOST:PORT" in bad.stderr
         missing = server.hozon("server", "run", "--dir", str(tmp_path / "nothing"), check=False)
         assert missing.returncode == 2 and "is not a Hozon server directory" in missing.stderr
+
+
+def test_the_server_logs_one_json_object_a_line_and_never_a_credential(tmp_path: Path) -> None:
+    with running_server(tmp_path) as server:
+        with server.client() as admin:
+            assert admin.get("/api/v1/whoami").status_code == 200
+        with server.client(token="") as anonymous:
+            assert anonymous.get("/api/v1/jobs").status_code == 401
+        server.stop()
+        lines = [line for line in server.log.read_text().splitlines() if line.startswith("{")]
+    records = [json.loads(line) for line in lines]
+    requests = [(r["method"], r["path"], r["status"]) for r in records if r["message"] == "request"]
+    assert ("GET", "/api/v1/whoami", 200) in requests and ("GET", "/api/v1/jobs", 401) in requests
+    assert all({"time", "level", "logger", "message"} <= set(r) for r in records)
+    assert server.admin_token not in server.log.read_text()

@@ -6,6 +6,7 @@ import ssl
 
 import uvicorn
 
+from hozon.server import logs
 from hozon.server.api.app import create_app
 from hozon.server.catalog.db import upgrade
 from hozon.server.context import ServerContext
@@ -19,11 +20,12 @@ GRACEFUL_STOP = 5
 
 def serve(server_dir: ServerDir) -> None:
     """Run until interrupted (SIGINT/SIGTERM stop it cleanly)."""
+    logs.configure()
     ctx = ServerContext.open(server_dir)
     upgrade(ctx.catalog.engine)
     maintenance = Maintenance(ctx)
     config = uvicorn.Config(
-        create_app(ctx, maintenance), host=ctx.settings.host, port=ctx.settings.port, log_level="warning",
+        create_app(ctx, maintenance), host=ctx.settings.host, port=ctx.settings.port, log_config=None,
         ssl_certfile=str(server_dir.server_cert), ssl_keyfile=str(server_dir.server_key),
         ssl_version=ssl.PROTOCOL_TLS_SERVER, timeout_keep_alive=30, timeout_graceful_shutdown=GRACEFUL_STOP,
     )

@@ -15,6 +15,7 @@ its run is over (its later reports are refused with 409).
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any, cast
@@ -29,6 +30,8 @@ from hozon.server.catalog.models import Job, Run, RunLog, utcnow
 FINAL_STATES = ("succeeded", "warning", "failed")
 MAX_REASON = 1000
 MAX_LOG_LINE = 4000
+
+log = logging.getLogger("hozon.server")
 
 
 def lease_seconds() -> float:
@@ -187,7 +190,10 @@ def expire_leases(catalog: Catalog) -> list[int]:
 
 # -- logs and views -------------------------------------------------------------------------------
 def add_log(s: Session, run_id: int, *lines: str) -> None:
+    """Lines of a run's log, kept in the catalog and written to the server's log too (server/logs.py)."""
     now = utcnow()
+    for line in lines:
+        log.info(line, extra={"run": run_id})
     s.execute(insert(RunLog), [{"run_id": run_id, "at": now, "line": line[:MAX_LOG_LINE]} for line in lines])
 
 
