@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from tests.conftest import PASSWORD, Hozon, tree_digest
+from tests.e2e.test_s3 import write_image
 from tests.hozon_agents import enrol, server_side_env
 from tests.hozon_server import running_server
 from tests.seaweedfs import Seaweed, running_seaweed
@@ -37,14 +38,6 @@ def copy(source: Hozon, target: Hozon, *args: str, check: bool = True) -> Any:
            "HOZON_TO_PASSWORD": target.env["HOZON_PASSWORD"]}
     result = source("copy", "--to", target.env["HOZON_REPO"], *args, "--json", env=env, check=check)
     return json.loads(result.stdout) if check else result
-
-
-def write_image(path: Path) -> None:
-    with open(path, "wb") as f:
-        f.truncate(16 << 20)
-        for offset in (0, 5 << 20, (16 << 20) - 65536):
-            f.seek(offset)
-            f.write(os.urandom(65536))
 
 
 def test_local_to_s3_with_another_key_copies_incrementally_and_restores(
