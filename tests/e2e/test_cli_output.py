@@ -86,7 +86,8 @@ def test_restore_progress_on_a_terminal_counts_in_binary_units(hozon: Hozon, mak
     hozon("backup", str(src))
     leader, follower = pty.openpty()
     proc = subprocess.Popen([sys.executable, "-m", "hozon", "restore", "latest", "--target", str(tmp_path / "r")],
-                            env={**hozon.env, "COLUMNS": "200"}, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            env={**hozon.env, "COLUMNS": "200", "TERM": "xterm-256color"},  # a terminal that draws
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=follower)
     os.close(follower)
     shown = b""
