@@ -66,9 +66,9 @@ def test_dump_writes_a_file_as_it_was_and_a_directory_as_tar(hozon: Hozon, tmp_p
         if os.listxattr(src / "small.txt"):  # the source could hold one (see make_source)
             assert members["src/small.txt"].pax_headers["SCHILY.xattr.user.colour"].encode(
                 "utf-8", "surrogateescape") == b"blue\xff"
-        out = tmp_path / "out"
-        out.mkdir()
-        tar.extractall(out, filter="fully_trusted")
+    out = tmp_path / "out"
+    out.mkdir()
+    subprocess.run(["tar", "-x", "-C", str(out)], input=archive, check=True, timeout=120)  # as a user would
     assert digest(out / "src") == digest(src)
 
     whole = dump_bytes(hozon, "latest", "/")  # the whole snapshot, names below /
