@@ -16,7 +16,14 @@ from hozon.cli.common import (
     locked_repo,
     saving_snapshot,
 )
-from hozon.cli.vm_cmd import render_image_backup, run_image_backup
+from hozon.cli.vm_cmd import (
+    ConnectOption,
+    LibvirtOption,
+    QmpOption,
+    VmNameOption,
+    render_image_backup,
+    run_image_backup,
+)
 from hozon.errors import UsageError
 from hozon.repo.locks import SHARED
 from hozon.restore.checkpoint import restore_checkpoint
@@ -29,13 +36,10 @@ checkpoint_app = typer.Typer(help="Checkpoints: a VM's disks and its CPU, memory
 @checkpoint_app.callback(invoke_without_command=True)
 def vm_checkpoint(
     ctx: typer.Context,
-    qmp: str = typer.Option(None, "--qmp", metavar="SOCKET",
-                            help="QEMU's QMP unix socket (give QEMU a second -qmp for Hozon)."),
-    libvirt: str = typer.Option(None, "--libvirt", metavar="DOMAIN",
-                                help="A running libvirt domain (name, id or UUID)."),
-    connect: str = typer.Option(None, "--connect", metavar="URI", help="libvirt URI for --libvirt (default: virsh's)."),
-    name: str = typer.Option(None, "--name", metavar="NAME",
-                             help="How the VM is called in the repository (default: QEMU's -name)."),
+    qmp: str = QmpOption,
+    libvirt: str = LibvirtOption,
+    connect: str = ConnectOption,
+    name: str = VmNameOption,
     mode: BackupMode = typer.Option("auto", "--mode", metavar="MODE",
                                     help="Disks: auto (incremental when the chain allows), full, "
                                                      "incremental."),

@@ -53,17 +53,22 @@ def _bar() -> Progress:
                     TimeRemainingColumn(), console=err_console, transient=True)
 
 
+QmpOption = typer.Option(None, "--qmp", metavar="SOCKET",
+                         help="QEMU's QMP unix socket (give QEMU a second -qmp for Hozon).")
+LibvirtOption = typer.Option(None, "--libvirt", metavar="DOMAIN", help="A running libvirt domain (name, id or UUID).")
+ConnectOption = typer.Option(None, "--connect", metavar="URI", help="libvirt URI for --libvirt (default: virsh's).")
+VmNameOption = typer.Option(None, "--name", metavar="NAME",
+                            help="How the VM is called in the repository (default: QEMU's -name).")
+
+
 @vm_app.command("backup")
 def vm_backup(
-    qmp: str = typer.Option(None, "--qmp", metavar="SOCKET",
-                            help="QEMU's QMP unix socket (give QEMU a second -qmp for Hozon)."),
+    qmp: str = QmpOption,
     image: list[str] = typer.Option([], "--image", metavar="FILE",
                                     help="Disk image of a shut-off VM (repeatable; needs --name)."),
-    libvirt: str = typer.Option(None, "--libvirt", metavar="DOMAIN",
-                                help="A running libvirt domain (name, id or UUID)."),
-    connect: str = typer.Option(None, "--connect", metavar="URI", help="libvirt URI for --libvirt (default: virsh's)."),
-    name: str = typer.Option(None, "--name", metavar="NAME",
-                             help="How the VM is called in the repository (default: QEMU's -name)."),
+    libvirt: str = LibvirtOption,
+    connect: str = ConnectOption,
+    name: str = VmNameOption,
     mode: BackupMode = typer.Option("auto", "--mode", metavar="MODE",
                                   help="auto (incremental when the chain allows), full or incremental. Default: auto."),
     vm_config: str = typer.Option(None, "--vm-config", metavar="FILE",
